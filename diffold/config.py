@@ -297,6 +297,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML reads '1e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -337,6 +342,8 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _parse_value(text: str) -> Any:
+    if text.strip() == "":
+        return ""  # 'key=' means the empty string (use key=null for None)
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -423,6 +430,12 @@ def _finalize(cfg: Config, sources: dict[str, str]) -> Config:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    from diffold.faults import FaultInjector  # torch-free
+
+    try:
+        FaultInjector.from_spec(cfg.health.inject_faults)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.data.use_predicted_structures and not cfg.model.structure_encoder.use_esmfold:
         raise ConfigError(
             "data.use_predicted_structures=true needs model.structure_encoder.use_esmfold=true "

@@ -1,0 +1,196 @@
+"""One optimizer step: k micro-batches under accelerator.accumulate, clip, health flag, OOM retry.
+
+Every branch that differs between ranks (skip, OOM) is decided by one cross-rank flag, so all
+ranks take it together; a rank that retried alone would hang the others in the next collective.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from diffold.batch import Batch
+from diffold.health import sync_flag
+
+log = logging.getLogger(__name__)
+
+
+class InjectedOOM(torch.OutOfMemoryError):
+    """Raised by the test-only fault injector to exercise OOM recovery on CPU."""
+
+
+@dataclass
+class StepResult:
+    loss: float                 # mean total loss over the step's micro-batches (this rank)
+    terms: dict[str, float]     # mean named loss terms
+    grad_norm: float            # PRE-clip global gradient norm
+    skipped: bool               # optimizer/scheduler/EMA not updated (non-finite)
+    oom_retries: int            # OOM recoveries during this step
+
+
+def split_batches(batches: list[Batch], parts: int) -> list[Batch]:
+    """Each micro-batch cut into `parts` smaller ones (OOM recovery keeps the effective batch)."""
+    if parts == 1:
+        return batches
+    out = []
+    for b in batches:
+        n = len(b)
+        bounds = [round(i * n / parts) for i in range(parts + 1)]
+        out.extend(b.select(slice(lo, hi)) for lo, hi in zip(bounds, bounds[1:]) if hi > lo)
+    return out
+
+
+class Stepper:
+    """Owns the per-step mechanics; the loop in train_full.py stays a readable recipe."""
+
+    def __init__(self, acc, model, diffusion, optimizer, scheduler, ema, cfg, faults, loss_stats):
+        self.acc, self.model, self.diffusion = acc, model, diffusion
+        self.optimizer, self.scheduler, self.ema = optimizer, scheduler, ema
+        self.cfg, self.faults, self.stats = cfg, faults, loss_stats
+        self.base_accumulation = cfg.training.gradient_accumulation_steps
+        self.max_norm = cfg.training.max_grad_norm if cfg.training.max_grad_norm > 0 else math.inf
+        self.rank = acc.process_index
+        self.sync_oom = cfg.health.oom_recovery and acc.num_processes > 1
+        self.multiplier = 1
+
+    def set_multiplier(self, multiplier: int) -> None:
+        self.multiplier = multiplier
+        self.acc.gradient_accumulation_steps = self.base_accumulation * multiplier
+
+    def step(self, group: list[Batch], global_step: int) -> StepResult:
+        """Forward/backward every micro-batch of `group`, then one (possibly skipped) optimizer step."""
+        oom_retries = 0
+        while True:
+            micro = split_batches(group, self.multiplier)
+            self.acc.step = 0  # our groups are exact; Accelerate's counter restarts at each
+            self.acc.gradient_accumulation_steps = len(micro)
+            try:
+                return self._run(micro, global_step, oom_retries)
+            except torch.OutOfMemoryError as e:
+                if not self.cfg.health.oom_recovery or self.multiplier >= max(len(b) for b in group):
+                    raise
+                oom_retries += 1
+                self._recover_from_oom(e)
+
+    def _recover_from_oom(self, err: Exception) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.set_multiplier(self.multiplier * 2)
+        log.warning(
+            "out of memory (%s): micro-batch halved, gradient accumulation x%d, same batch retried; "
+            "effective batch unchanged", type(err).__name__, self.multiplier,
+        )
+
+    def _forward_backward(self, batch: Batch, global_step: int) -> None:
+        faults, rank = self.faults, self.rank
+        if faults.consume("oom", global_step, rank):
+            raise InjectedOOM("injected OOM (health.inject_faults)")
+        out = self.diffusion.loss(self.model, batch)
+        loss = out.total.mean()
+        if faults.active("nan_loss", global_step, rank):
+            loss = loss * float("nan")
+        if faults.active("loss_spike", global_step, rank):
+            loss = loss * 1e3
+        self.acc.backward(loss)
+        self.stats.add(out, loss.detach())
+        faults.kill_now(global_step, rank)  # test hook: dies between micro-batches, like a crash
+
+    def _inject_grad_faults(self, global_step: int) -> None:
+        """Test hooks acting on the accumulated gradients before clipping."""
+        scale = float("nan") if self.faults.active("nan_grad", global_step, self.rank) else (
+            1e6 if self.faults.active("grad_explode", global_step, self.rank) else None)
+        if scale is not None:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+
+    def _run(self, micro: list[Batch], global_step: int, oom_retries: int) -> StepResult:
+        self.stats.begin_step()
+        if self.faults.active("slow", global_step, self.rank):
+            time.sleep(0.5)
+        for batch in micro:
+            with self.acc.accumulate(self.model):
+                oom = False
+                try:
+                    self._forward_backward(batch, global_step)
+                except torch.OutOfMemoryError:
+                    if not self.sync_oom:
+                        raise
+                    oom = True
+                if self.sync_oom and sync_flag(self.acc, oom):  # every rank retries together
+                    raise InjectedOOM("out of memory on at least one rank")
+                if self.acc.sync_gradients:
+                    self._inject_grad_faults(global_step)
+                    grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.max_norm)
+        loss, terms, grad_norm = self.stats.end_step(grad_norm)  # the one host sync of the step
+        bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        skip = sync_flag(self.acc, bad) and self.cfg.health.skip_nonfinite
+        if not skip:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.ema.update(self.acc.unwrap_model(self.model))
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss, terms, grad_norm, skip, oom_retries)
+
+
+class LossStats:
+    """Device-side accumulation of losses per interval and per noise-level bin (no per-step sync)."""
+
+    def __init__(self, noise_bins: list[tuple[float, float]], device):
+        self.bins = noise_bins
+        edges = [lo for lo, _ in noise_bins] + [noise_bins[-1][1]]
+        self.edges = torch.tensor(edges[1:-1], device=device)
+        self.device = device
+        self.reset_interval()
+
+    def reset_interval(self) -> None:
+        n = len(self.bins)
+        self.bin_sum = torch.zeros(n, device=self.device)
+        self.bin_count = torch.zeros(n, device=self.device)
+        self.residues = torch.zeros((), device=self.device)
+        self.samples = 0
+        self.t0 = time.perf_counter()
+
+    def begin_step(self) -> None:
+        self.step_terms: dict[str, torch.Tensor] = {}
+        self.step_loss = torch.zeros((), device=self.device)
+        self.micro = 0
+
+    def add(self, out, loss: torch.Tensor) -> None:
+        self.micro += 1
+        self.step_loss += loss
+        for name, value in out.terms.items():
+            self.step_terms[name] = self.step_terms.get(name, 0) + value.detach().mean()
+        which = torch.bucketize(out.sigma.detach().float(), self.edges)
+        self.bin_sum.index_add_(0, which, out.total.detach().float())
+        self.bin_count.index_add_(0, which, torch.ones_like(which, dtype=torch.float))
+        self.samples += out.total.shape[0]
+
+    def add_residues(self, batch: Batch) -> None:
+        self.residues += batch.residue_mask.sum()
+
+    def end_step(self, grad_norm) -> tuple[float, dict[str, float], float]:
+        names = list(self.step_terms)
+        values = torch.stack(
+            [self.step_loss / self.micro, *(self.step_terms[n] / self.micro for n in names),
+             torch.as_tensor(grad_norm, device=self.device, dtype=torch.float).reshape(())]
+        ).tolist()
+        return values[0], dict(zip(names, values[1:-1])), values[-1]
+
+    def flush(self) -> dict[str, float]:
+        """Interval scalars: per-noise-bin losses and throughput; resets the interval."""
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        sums, counts = self.bin_sum.tolist(), self.bin_count.tolist()
+        out = {
+            f"loss_bin/{lo:.3g}-{hi:.3g}": s / c for (lo, hi), s, c in zip(self.bins, sums, counts) if c > 0
+        }
+        out["samples_per_s"] = self.samples / elapsed
+        out["residues_per_s"] = float(self.residues) / elapsed
+        self.reset_interval()
+        return out

@@ -1,0 +1,267 @@
+"""Denoiser network: pair-biased transformer trunk + E(3)-equivariant (or AF3-style) coordinate head."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from diffold.moe import FeedForward, MoEFeedForward
+
+# Size registry (cf. DiT_models). Per block ~18 d^2 parameters (attention 4, FFN 8, adaLN 6).
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"d_model": 64, "num_layers": 3, "num_heads": 4, "d_pair": 16},
+    "small": {"d_model": 256, "num_layers": 8, "num_heads": 8, "d_pair": 32},
+    "base": {"d_model": 640, "num_layers": 13, "num_heads": 10, "d_pair": 64},
+}
+NUM_RBF = 32
+RBF_MAX = 3.0  # distances are in c_in-scaled units (~ A / sigma_data at low noise)
+
+
+def resolve_size(mcfg) -> dict[str, int]:
+    """Size registry entry with the explicit d_model/num_layers/num_heads/d_pair overrides applied."""
+    if mcfg.size == "custom":
+        dims = {}
+    elif mcfg.size in MODEL_SIZES:
+        dims = dict(MODEL_SIZES[mcfg.size])
+    else:
+        raise ValueError(f"model.size={mcfg.size!r} is unknown; use one of {sorted(MODEL_SIZES)} or 'custom'")
+    for key in ("d_model", "num_layers", "num_heads", "d_pair"):
+        if getattr(mcfg, key) is not None:
+            dims[key] = getattr(mcfg, key)
+    missing = [k for k in ("d_model", "num_layers", "num_heads", "d_pair") if k not in dims]
+    if missing:
+        raise ValueError(f"model.size=custom needs model.{missing[0]} (and all of d_model/num_layers/num_heads/d_pair)")
+    if dims["d_model"] % dims["num_heads"]:
+        raise ValueError(f"model.d_model={dims['d_model']} must be divisible by model.num_heads={dims['num_heads']}")
+    return dims
+
+
+def rbf(d: torch.Tensor, num: int = NUM_RBF, d_max: float = RBF_MAX) -> torch.Tensor:
+    """Gaussian radial basis of distances [...] -> [..., num]."""
+    centres = torch.linspace(0.0, d_max, num, device=d.device, dtype=d.dtype)
+    width = d_max / (num - 1)
+    return torch.exp(-(((d[..., None] - centres) / width) ** 2))
+
+
+def representative(x: torch.Tensor, atom_mask: torch.Tensor) -> torch.Tensor:
+    """Per-residue point [B, L, 3]: mean of observed atoms (all atoms where none is observed)."""
+    w = atom_mask.to(x.dtype)  # [B, L, A]
+    w = torch.where(w.sum(-1, keepdim=True) > 0, w, torch.ones_like(w))
+    return (x * w[..., None]).sum(-2) / w.sum(-1)[..., None]
+
+
+class FourierEmbedding(nn.Module):
+    """Fixed random Fourier features of the noise level (AF3 Alg. 22; EDM uses a similar map)."""
+
+    def __init__(self, dim: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)  # identical on every rank without a broadcast
+        self.register_buffer("w", torch.randn(dim, generator=g))
+        self.register_buffer("b", torch.rand(dim, generator=g))
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        return torch.cos(2 * math.pi * (c_noise[:, None] * self.w + self.b))  # [B, dim]
+
+
+class DenoiserBlock(nn.Module):
+    """Pre-norm block: noise-modulated LN -> pair-biased SDPA -> modulated LN -> (MoE) FFN."""
+
+    def __init__(self, d_model: int, num_heads: int, d_pair: int, mcfg):
+        super().__init__()
+        self.num_heads, self.dropout = num_heads, mcfg.dropout
+        self.norm1 = nn.LayerNorm(d_model, elementwise_affine=False)
+        self.norm2 = nn.LayerNorm(d_model, elementwise_affine=False)
+        self.modulation = nn.Linear(d_model, 6 * d_model)  # adaLN (DiT): shift/scale/gate from the noise
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.pair_bias = nn.Linear(d_pair, num_heads, bias=False)
+        self.out = nn.Linear(d_model, d_model)
+        if mcfg.use_moe:
+            self.ff = MoEFeedForward(d_model, mcfg.ff_mult, mcfg.num_experts, mcfg.top_k, mcfg.dropout)
+        else:
+            self.ff = FeedForward(d_model, mcfg.ff_mult, mcfg.dropout)
+
+    def forward(
+        self, h: torch.Tensor, z: torch.Tensor, cond: torch.Tensor, key_bias: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [B, L, d], z [B, L, L, dp], cond [B, d], key_bias [B, 1, 1, L], mask [B, L] -> (h, aux [B])."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(cond))[:, None].chunk(6, dim=-1)
+        x = self.norm1(h) * (1 + scale1) + shift1
+        q, k, v = rearrange(self.qkv(x), "b l (three h e) -> three b h l e", three=3, h=self.num_heads)
+        bias = rearrange(self.pair_bias(z), "b i j h -> b h i j") + key_bias  # [B, H, L, L]
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+        )
+        h = h + (1 + gate1) * self.out(rearrange(o, "b h l e -> b l (h e)"))
+        x = self.norm2(h) * (1 + scale2) + shift2
+        if isinstance(self.ff, MoEFeedForward):
+            y, aux = self.ff(x, mask)
+        else:
+            y, aux = self.ff(x), h.new_zeros(h.shape[0])
+        return h + (1 + gate2) * y, aux
+
+
+def chain_tangent(rep: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x_{i+1} - x_{i-1} along the chain [B, L, 3] (one-sided at ends; padding neighbours ignored)."""
+    step = (rep[:, 1:] - rep[:, :-1]) * (m[:, 1:] * m[:, :-1])[..., None]  # [B, L-1, 3]
+    return F.pad(step, (0, 0, 0, 1)) + F.pad(step, (0, 0, 1, 0))
+
+
+class EGNNLayer(nn.Module):
+    """One EGNN update (Satorras et al. 2021, eqs. 3-6) on residues with A atoms each, made
+    chirality-aware: a pseudo-scalar edge feature and a cross-product displacement term keep
+    rotation/translation equivariance but not mirror symmetry (a mirror-symmetric E(3) model
+    samples mirror images of the fold half of the time)."""
+
+    def __init__(self, d_model: int, d_pair: int, hidden: int, update_nodes: bool = True):
+        super().__init__()
+        self.src, self.dst = nn.Linear(d_model, hidden), nn.Linear(d_model, hidden, bias=False)
+        self.pair, self.dist = nn.Linear(d_pair, hidden, bias=False), nn.Linear(NUM_RBF, hidden, bias=False)
+        self.chiral = nn.Linear(1, hidden, bias=False)
+        self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.weight = nn.Linear(hidden, 2)
+        # The last layer's node update would be unused (and break DDP's unused-parameter check).
+        self.node = nn.Linear(hidden, d_model) if update_nodes else None
+
+    def forward(
+        self, h: torch.Tensor, x: torch.Tensor, z: torch.Tensor, m: torch.Tensor, atom_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [B, L, d], x [B, L, A, 3], z [B, L, L, dp], m [B, L] float mask -> (h, x)."""
+        norm = m.sum(-1).clamp_min(1.0)[:, None, None, None]  # [B, 1, 1, 1] real residues
+        rep = representative(x, atom_mask)  # [B, L, 3]
+        tangent = chain_tangent(rep, m)  # [B, L, 3]
+        rel = rep[:, :, None] - rep[:, None, :]  # [B, i, j, 3]
+        # Signed volume (x_i - x_j) . (t_i x t_j), normalised: invariant to rotation, flips in a mirror.
+        triple = (rel * torch.linalg.cross(tangent[:, :, None], tangent[:, None, :].expand_as(rel))).sum(-1)
+        scale = rel.norm(dim=-1) * tangent.norm(dim=-1)[:, :, None] * tangent.norm(dim=-1)[:, None, :]
+        chirality = (triple / (scale + 1e-6))[..., None]  # [B, i, j, 1] in [-1, 1]
+        diff = x[:, :, :, None, :] - rep[:, None, None, :, :]  # [B, i, A, j, 3]
+        dist = diff.square().sum(-1).add(1e-8).sqrt()  # [B, i, A, j]; eps keeps the grad finite at 0
+        edge = self.src(h)[:, :, None] + self.dst(h)[:, None, :] + self.pair(z) + self.chiral(chirality)
+        msg = self.mlp(edge[:, :, None] + self.dist(rbf(dist)))  # [B, i, A, j, hid]
+        partner = m[:, None, None, :, None]  # [B, 1, 1, j, 1]; padded partners send nothing
+        msg = msg * partner
+        w_radial, w_cross = (self.weight(msg) * partner).unbind(-1)  # [B, i, A, j] each
+        cross = torch.linalg.cross(diff, tangent[:, :, None, None, :].expand_as(diff))  # [B, i, A, j, 3]
+        update = w_radial[..., None] * diff + w_cross[..., None] * cross
+        x = x + update.sum(3) / norm  # mean over partners j
+        if self.node is not None:
+            h = h + self.node(msg.sum(3).mean(2) / norm[..., 0])
+        return h, x
+
+
+class EquivariantHead(nn.Module):
+    """EGNN-style head: atom a of residue i moves by mean_j [w_iaj (x_ia - x_j) + u_iaj (x_ia - x_j) x t_i]
+    with w, u from invariants (h_i, h_j, z_ij, |x_ia - x_j|, chirality), so rotating the input
+    rotates the output and a translation leaves it unchanged."""
+
+    def __init__(self, d_model: int, d_pair: int, num_layers: int = 2, hidden: int = 64):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            EGNNLayer(d_model, d_pair, hidden, update_nodes=i < num_layers - 1) for i in range(num_layers)
+        )
+
+    def forward(
+        self, h: torch.Tensor, x: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, atom_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """h [B, L, d], x [B, L, A, 3], z [B, L, L, dp], mask [B, L] -> displacement [B, L, A, 3]."""
+        m = mask.to(h.dtype)
+        x0 = x
+        for layer in self.layers:
+            h, x = layer(h, x, z, m, atom_mask)
+        return (x - x0) * m[..., None, None]
+
+
+class Denoiser(nn.Module):
+    """F_theta(c_in x, c_noise): residue tokens + noisy coordinates -> update [B, L, A, 3]."""
+
+    def __init__(self, mcfg, vocab_size: int, num_atoms: int):
+        super().__init__()
+        dims = resolve_size(mcfg)
+        d, dp = dims["d_model"], dims["d_pair"]
+        self.num_atoms, self.max_relpos = num_atoms, mcfg.max_relpos
+        self.head_type, self.checkpointing = mcfg.head, mcfg.activation_checkpointing
+        self.token_emb = nn.Embedding(vocab_size, d, padding_idx=0)
+        self.feature_proj = nn.Linear(mcfg.feature_dim, d) if mcfg.feature_dim > 0 else None
+        # The AF3 head may see raw coordinates; the equivariant trunk sees only distances.
+        self.coord_proj = nn.Linear(num_atoms * 3, d) if mcfg.head == "af3" else None
+        self.noise_emb = nn.Sequential(FourierEmbedding(d), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.relpos_emb = nn.Embedding(2 * mcfg.max_relpos + 1, dp)
+        self.dist_proj = nn.Linear(NUM_RBF, dp)
+        self.pair_norm = nn.LayerNorm(dp)
+        self.blocks = nn.ModuleList(DenoiserBlock(d, dims["num_heads"], dp, mcfg) for _ in range(dims["num_layers"]))
+        self.final_norm = nn.LayerNorm(d)
+        if mcfg.head == "equivariant":
+            self.head = EquivariantHead(d, dp)
+        else:
+            self.head = nn.Linear(d, num_atoms * 3)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c_noise: torch.Tensor,
+        tokens: torch.Tensor,
+        residue_mask: torch.Tensor,
+        residue_index: torch.Tensor,
+        atom_mask: Optional[torch.Tensor] = None,
+        features: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, L, A, 3] (c_in-scaled), c_noise [B] -> (F [B, L, A, 3], MoE aux loss [B], 0 without MoE)."""
+        mask = residue_mask.bool()
+        if atom_mask is None:
+            atom_mask = mask[..., None].expand(x.shape[:-1])
+        atom_mask = atom_mask & mask[..., None]  # [B, L, A]
+        x = x * mask[..., None, None].to(x.dtype)
+
+        cond = self.noise_emb(c_noise.to(x.dtype))  # [B, d]
+        h = self.token_emb(tokens) + cond[:, None]  # [B, L, d]
+        if self.feature_proj is not None:
+            if features is None:
+                raise ValueError("model.feature_dim > 0 but the batch has no features; set model.feature_dim=0")
+            h = h + self.feature_proj(features.to(x.dtype))
+        if self.coord_proj is not None:
+            h = h + self.coord_proj(rearrange(x, "b l a c -> b l (a c)"))
+
+        rep = representative(x, atom_mask)  # [B, L, 3]
+        dist = (rep[:, :, None] - rep[:, None, :]).square().sum(-1).add(1e-8).sqrt()  # [B, L, L]
+        rel = (residue_index[:, None, :] - residue_index[:, :, None]).clamp(-self.max_relpos, self.max_relpos)
+        z = self.pair_norm(self.relpos_emb(rel + self.max_relpos) + self.dist_proj(rbf(dist)))  # [B, L, L, dp]
+        # Padding keys get -inf; an all-padding row keeps its keys so softmax stays finite.
+        keep = mask | ~mask.any(-1, keepdim=True)
+        key_bias = torch.zeros_like(dist[:, None, :1, :]).masked_fill(~keep[:, None, None, :], float("-inf"))
+
+        aux = h.new_zeros(h.shape[0])
+        for block in self.blocks:
+            if self.checkpointing and self.training:
+                h, a = checkpoint(block, h, z, cond, key_bias, mask, use_reentrant=False)
+            else:
+                h, a = block(h, z, cond, key_bias, mask)
+            aux = aux + a
+        h = self.final_norm(h)
+        aux = aux / len(self.blocks)
+
+        if self.head_type == "equivariant":
+            out = self.head(h, x, z, mask, atom_mask)
+        else:
+            out = rearrange(self.head(h), "b l (a c) -> b l a c", a=self.num_atoms, c=3)
+        return out * mask[..., None, None].to(out.dtype), aux
+
+
+def build_model(cfg, num_atoms: int) -> Denoiser:
+    """Denoiser for cfg.task's vocabulary with `num_atoms` representative atoms per residue."""
+    from diffold.tasks import get_task
+
+    return Denoiser(cfg.model, get_task(cfg.task).vocab_size, num_atoms)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (optionally only those with requires_grad)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

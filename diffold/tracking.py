@@ -1,0 +1,173 @@
+"""Run directory, rank-aware logging, metrics.jsonl / health.jsonl / heartbeat, W&B + TensorBoard.
+
+Only the main process writes files. Scalars reach every sink through `RunLog.log()` once per
+log interval (the loop buffers per-step values on the device and syncs once per interval).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from diffold.checkpoint import write_json_atomic
+
+log = logging.getLogger("diffold")
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def setup_logging(run_dir: Path, accelerator, level: str = "INFO") -> Path:
+    """Main process: console + logs/training_<ts>.log at `level`; other ranks: WARNING+ to stderr."""
+    rank = accelerator.process_index
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    fmt = logging.Formatter("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    console.addFilter(_RankFilter(rank))
+    handlers: list[logging.Handler] = [console]
+    path = run_dir / "logs" / f"training_{time.strftime('%Y%m%d_%H%M%S')}.log"
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(path, encoding="utf-8")
+        fh.setFormatter(fmt)
+        fh.addFilter(_RankFilter(rank))
+        handlers.append(fh)
+        root.setLevel(level)
+    else:
+        root.setLevel("WARNING")
+    for h in handlers:
+        root.addHandler(h)
+    for noisy in ("datasets", "urllib3", "filelock", "wandb", "fsspec", "torch", "accelerate"):
+        logging.getLogger(noisy).setLevel("WARNING")
+    return path
+
+
+def wandb_mode(configured: Optional[str]) -> str:
+    """Config wins, then WANDB_MODE, then online only if an API key is configured, else offline."""
+    if configured:
+        return configured
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    has_key = os.environ.get("WANDB_API_KEY") or (Path.home() / ".netrc").is_file() and "api.wandb.ai" in (
+        Path.home() / ".netrc"
+    ).read_text(errors="ignore")
+    return "online" if has_key else "offline"
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN; keep it visible rather than dropping it
+    return value
+
+
+class RunLog:
+    """Sinks for one run: metrics.jsonl, health.jsonl, heartbeat.json, trackers, W&B alerts."""
+
+    def __init__(self, run_dir: Path, accelerator, total_steps: int, resume_command: str):
+        self.dir = Path(run_dir)
+        self.acc = accelerator
+        self.main = accelerator.is_main_process
+        self.total_steps = total_steps
+        self.resume_command = resume_command
+        self.wandb_run = None
+        self.trackers_ok = False
+
+    def init_trackers(self, cfg, run_name: str, wandb_run_id: Optional[str]) -> Optional[str]:
+        """Start TensorBoard/W&B through Accelerate; returns the W&B run id to checkpoint."""
+        log_with = list(cfg.logging.log_with)
+        if "wandb" in log_with:
+            mode = wandb_mode(cfg.logging.wandb_mode)
+            os.environ["WANDB_MODE"] = mode
+            if mode == "disabled":
+                log_with.remove("wandb")
+        if not log_with:
+            return wandb_run_id
+        init = {"wandb": {"name": run_name, "dir": str(self.dir), "resume": "allow", "id": wandb_run_id}}
+        try:
+            self.acc.init_trackers(cfg.logging.wandb_project, config=_flat(cfg.to_dict()), init_kwargs=init)
+        except Exception as e:  # W&B raises many types (UsageError, CommError, ...): training must go on
+            log.warning("trackers unavailable (%s: %s); metrics still go to metrics.jsonl", type(e).__name__, e)
+            return wandb_run_id
+        self.trackers_ok = True
+        if self.main and "wandb" in log_with:
+            self.wandb_run = self.acc.get_tracker("wandb", unwrap=True)
+            self.wandb_run.define_metric("train/global_step")
+            self.wandb_run.define_metric("*", step_metric="train/global_step")
+            return self.wandb_run.id
+        return wandb_run_id
+
+    def _append(self, name: str, record: dict) -> None:
+        with open(self.dir / name, "a", encoding="utf-8") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+
+    def log(self, event: str, step: int, epoch: int, scalars: dict[str, Any]) -> None:
+        """One record to metrics.jsonl and (train/val) to the trackers."""
+        if not self.main:
+            return
+        self._append("metrics.jsonl", {"event": event, "time": time.time(), "step": step, "epoch": epoch, **scalars})
+        if self.trackers_ok and event in ("train", "val"):
+            values = {k: v for k, v in scalars.items() if isinstance(v, (int, float))}
+            values["train/global_step"] = step
+            for tracker in self.acc.trackers:
+                # W&B keys on train/global_step (re-logged steps after a resume are not dropped)
+                tracker.log(values, **({} if tracker.name == "wandb" else {"step": step}))
+
+    def health_event(self, event: dict) -> None:
+        """health.jsonl + log line + W&B alert for critical events."""
+        if not self.main:
+            return
+        self._append("health.jsonl", event)
+        text = f"[health step {event['step']}] {event['check']}: {event['message']} -> {event['suggestion']}"
+        (log.error if event["status"] == "critical" else log.warning)(text)
+        if self.wandb_run is not None and event["status"] == "critical":
+            try:
+                import wandb
+
+                self.wandb_run.alert(title=f"diffold: {event['check']}", text=text, level=wandb.AlertLevel.ERROR)
+            except Exception as e:  # an alert must never stop training
+                log.warning("W&B alert failed (%s)", e)
+
+    def heartbeat(self, step: int, epoch: int, phase: str, status: str = "running") -> None:
+        if not self.main:
+            return
+        write_json_atomic(
+            self.dir / "heartbeat.json",
+            {
+                "time": time.time(), "pid": os.getpid(), "host": socket.gethostname(), "step": step,
+                "epoch": epoch, "total_steps": self.total_steps, "phase": phase, "status": status,
+                "resume_command": self.resume_command,
+            },
+        )
+
+    def finish(self) -> None:
+        """Close trackers and the process group (without it gloo can abort at exit)."""
+        try:
+            self.acc.end_training()
+        except Exception as e:  # closing an offline W&B run can fail on a full disk; data is in jsonl
+            log.warning("closing trackers failed (%s)", e)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if not isinstance(v, list) else str(v)
+    return out
