@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 import time
 from datetime import timedelta
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs, PartialState
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, parse_flag_from_env, set_seed
 
 import diffold
 from diffold.checkpoint import CheckpointError, CheckpointManager, export_inference_bundle, write_json_atomic
@@ -68,7 +69,12 @@ def resolve_run_dir(cfg: Config, output_dir: str | None, stem: str) -> Path:
 def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None = None, stem: str = "run") -> dict:
     """The whole run; returns a summary (status, steps, first/last loss, final EMA/model weights)."""
     # ---- accelerator: devices, precision, accumulation, process group --------------------------
-    PartialState(timeout=timedelta(seconds=cfg.distributed.timeout_s))  # process group first: ranks agree on run_dir
+    # process group first (ranks agree on run_dir). PartialState ignores ACCELERATE_USE_CPU (only
+    # AcceleratorState reads it): without cpu= here, 2 CPU processes would each train alone.
+    ps = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(seconds=cfg.distributed.timeout_s))
+    if int(os.environ.get("WORLD_SIZE", "1")) != ps.num_processes:
+        raise ConfigError(f"launched {os.environ['WORLD_SIZE']} processes but the process group has {ps.num_processes}: "
+                          "each would train alone; on CPU set ACCELERATE_USE_CPU=true (accelerate_configs/cpu_ddp.yaml)")
     run_dir = resolve_run_dir(cfg, output_dir, stem)
     log_with = [t for t in cfg.logging.log_with if not (t == "wandb" and wandb_mode(cfg.logging.wandb_mode) == "disabled")]
     acc = Accelerator(
@@ -262,11 +268,13 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
     if status != "gave_up":
         save(f"step_{state.global_step:09d}")
         if acc.is_main_process:
-            export_inference_bundle(ema, cfg.to_dict()["model"], cfg.task, ckpts.dir / "export",
+            export_inference_bundle(ema, cfg.to_dict()["model"], cfg.task, run_dir / "export",
                                     {"atoms": list(atoms), "diffusion": cfg.to_dict()["diffusion"]})
     else:
         log.error(policy.final_report().replace("{resume_command}", runlog.resume_command))
-    runlog.log("end", state.global_step, state.epoch, {"status": status, "reason": status})
+    same = ranks_agree(acc, acc.unwrap_model(model), ema.module)  # collective: every rank calls it
+    runlog.log("end", state.global_step, state.epoch, {"status": status, "reason": status,
+                                                       "rank_param_checksums_equal": same})
     runlog.heartbeat(state.global_step, state.epoch, "done", status)
     runlog.finish()
     if progress is not None:
@@ -285,6 +293,17 @@ def last_memory(acc) -> dict:
     if not _MEMORY:
         _MEMORY.update(memory_stats(acc.device))
     return _MEMORY
+
+
+def ranks_agree(acc, *modules: torch.nn.Module) -> bool:
+    """Safety check: all ranks hold the same weights (float64 sum per tensor, gathered); logs an error if not."""
+    sums = torch.stack([p.detach().double().sum() for m in modules for p in m.parameters()])  # [P]
+    every = acc.gather(sums[None]).reshape(acc.num_processes, -1)                           # [R, P]
+    same = torch.isclose(every, every[:1], rtol=0, atol=0, equal_nan=True).all(0)           # [P]
+    if not bool(same.all()):
+        log.error("parameters differ between ranks in %d of %d tensors (ranks diverged: DDP not synchronising, "
+                  "or a rank took a different branch); do not trust this run's weights", int((~same).sum()), len(same))
+    return bool(same.all())
 
 
 def set_lr_scale(scheduler, optimizer, base_lr: float) -> None:

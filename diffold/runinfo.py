@@ -256,7 +256,7 @@ def _data(report: dict | None) -> dict | None:
     """Per split: the report minus the (possibly long) skipped_items list, plus a skipped total."""
     splits = {name: {k: v for k, v in s.items() if k != "skipped_items"}
               | {"skipped_total": sum(_int(n) or 0 for n in (s.get("skipped") or {}).values())}
-              for name, s in (report or {}).items() if isinstance(s, dict)}
+              for name, s in (report or {}).items() if isinstance(s, dict) and "chains_used" in s}
     return {"split_method": report.get("split_method"), "splits": splits} if report else None
 
 

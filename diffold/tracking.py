@@ -153,6 +153,7 @@ class RunLog:
                 "epoch": epoch, "total_steps": self.total_steps, "phase": phase, "status": status,
                 "resume_command": self.resume_command,
             },
+            durable=False,  # advisory, rewritten every interval: no fsync on the hot path
         )
 
     def finish(self) -> None:

@@ -102,7 +102,7 @@ def test_existing_run_dir_is_not_overwritten(reference_runs, synth_data):
 def test_run_directory_contents(reference_runs):
     run = reference_runs[0][1]
     for name in ("config.yaml", "metrics.jsonl", "heartbeat.json", "data_report.json", "checkpoints/latest",
-                 "checkpoints/best/meta.json", "checkpoints/best/export/model.safetensors", "checkpoints/export/config.json"):
+                 "checkpoints/best/meta.json", "checkpoints/best/export/model.safetensors", "export/config.json"):
         assert (run / name).exists(), name
     assert list((run / "logs").glob("training_*.log"))
     assert list((run / "samples").rglob("*.pdb"))
@@ -126,3 +126,30 @@ def test_simple_train_checks_itself(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert r.stdout.count("[PASS]") == 3 and "simple_train: OK" in r.stdout
+
+
+def test_predict_from_exported_bundle(reference_runs, synth_data, tmp_path):
+    run = reference_runs[0][1]
+    fasta = tmp_path / "seqs.fasta"
+    fasta.write_text(">hairpin\nGGGAAACUUCGGUUUCCC\n>short\nACGUACGUAC\n")
+    base = [sys.executable, "-m", "diffold.predict", "--steps", "3"]
+    r = subprocess.run([*base, "--checkpoint", str(run / "checkpoints/best/export"), "--input", str(fasta),
+                        "--num_samples", "2", "--out", str(tmp_path / "fa")], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from diffold.structure import parse_structure
+
+    chains, _ = parse_structure(tmp_path / "fa" / "hairpin_sample1.pdb")
+    assert chains[0].sequence == "GGGAAACUUCGGUUUCCC" and len(list((tmp_path / "fa").glob("*.pdb"))) == 4
+    # structures as input: metrics against the reference; a training checkpoint works too
+    r = subprocess.run([*base, "--checkpoint", str((run / "checkpoints/latest").resolve()), "--input",
+                        str(synth_data / "h0.pdb"), "--out", str(tmp_path / "st")], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    scores = json.loads((tmp_path / "st" / "metrics.json").read_text())["h0_A_sample0"]
+    assert set(scores) >= {"rmsd", "tm", "gdt_ts", "lddt"} and 0 <= scores["tm"] <= 1
+    bad = subprocess.run([*base, "--checkpoint", str(tmp_path), "--input", str(fasta), "--out", str(tmp_path / "x")],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "neither an export bundle" in bad.stderr
