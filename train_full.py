@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
 import os
@@ -22,7 +23,13 @@ from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGr
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, parse_flag_from_env, set_seed
 
 import diffold
-from diffold.checkpoint import CheckpointError, CheckpointManager, export_inference_bundle, write_json_atomic
+from diffold.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    CheckpointWriteError,
+    export_inference_bundle,
+    write_json_atomic,
+)
 from diffold.config import Config, ConfigError, load_config, save_config
 from diffold.data import DataError, build_datasets, build_loader
 from diffold.diffusion import build_diffusion
@@ -107,6 +114,12 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
         write_json_atomic(run_dir / "data_report.json", report.to_dict())
     shard = {"num_replicas": acc.num_processes, "rank": acc.process_index}
     train_dl = build_loader(train_ds, cfg, train=True, batches_multiple_of=k, **shard)
+    if val_ds is not None and len(val_ds) < acc.num_processes:
+        # too few chains to shard: every rank validates all of them with the same seed (identical
+        # losses, so the cross-rank mean is unchanged) instead of failing
+        log.warning("validation set has %d chain(s) for %d processes: not sharded, every rank validates all",
+                    len(val_ds), acc.num_processes)
+        shard = {"num_replicas": 1, "rank": 0}
     val_dl = build_loader(val_ds, cfg, train=False, **shard) if val_ds is not None else None
     steps_per_epoch = len(train_dl) // k
     total_steps = cfg.training.num_epochs * steps_per_epoch
@@ -133,10 +146,14 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
     path = ckpts.resolve(resume)
     if path is not None:
         state, meta = ckpts.load(path, ema)
-        if state.num_processes != acc.num_processes:
-            log.warning("checkpoint was written by %d processes, now %d: weights and optimizer restored, "
-                        "data order of the resumed epoch differs", state.num_processes, acc.num_processes)
-            state.batch_in_epoch = state.batch_in_epoch * state.num_processes // acc.num_processes // k * k
+        old_bs = meta.get("config", {}).get("training", {}).get("batch_size") or cfg.training.batch_size
+        if (state.num_processes, old_bs) != (acc.num_processes, cfg.training.batch_size):
+            log.warning("checkpoint was written by %d processes x batch %d, now %d x %d: weights and optimizer restored, "
+                        "data order of the resumed epoch differs", state.num_processes, old_bs, acc.num_processes,
+                        cfg.training.batch_size)
+            # position by chains consumed (moving 2 -> 1 process often doubles batch_size); never past the epoch
+            done = state.batch_in_epoch * state.num_processes * old_bs // (acc.num_processes * cfg.training.batch_size)
+            state.batch_in_epoch = min(done, len(train_dl)) // k * k
             state.num_processes = acc.num_processes
         log.info("resumed from %s (step %d, epoch %d, batch %d)", path, state.global_step, state.epoch, state.batch_in_epoch)
     set_lr_scale(scheduler, optimizer, cfg.training.optimizer.lr * state.lr_scale)
@@ -150,7 +167,13 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
         policy.load_state_dict(state.recovery)
     stats = LossStats(diffusion.noise_bins, acc.device)
     faults = FaultInjector.from_spec(cfg.health.inject_faults)
-    ckpts.before_commit = lambda: faults.kill_now(state.global_step, acc.process_index, kind="kill_in_save")
+
+    def before_commit() -> None:  # test hooks (health.inject_faults): die, or hit a full disk, mid-write
+        faults.kill_now(state.global_step, acc.process_index, kind="kill_in_save")
+        if faults.active("enospc_in_save", state.global_step, acc.process_index):
+            raise OSError(errno.ENOSPC, "No space left on device (injected: health.inject_faults)")
+
+    ckpts.before_commit = before_commit
     stepper = Stepper(acc, model, diffusion, optimizer, scheduler, ema, cfg, faults, stats)
     stepper.set_multiplier(state.accumulation_multiplier)
     runlog = RunLog(run_dir, acc, total_steps, resume_command(run_dir, acc.num_processes))
@@ -164,14 +187,37 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
         "effective_batch_size": effective, "resume_command": runlog.resume_command,
         "resumed_from": str(path) if path else None})
 
-    def save(name: str) -> None:
+    def save(name: str) -> bool:
+        """Checkpoint; a failed write (e.g. disk full) is reported and training goes on: the next save retries."""
         runlog.heartbeat(state.global_step, state.epoch, "checkpoint")
         state.health, state.recovery = monitor.state_dict(), policy.state_dict()
         meta = {"step": state.global_step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
                 "num_processes": acc.num_processes, "config": cfg.to_dict(), "metrics": state.last_val,
+                "wandb_run_id": state.wandb_run_id,  # documented in docs/run_directory.md
                 "versions": {"torch": torch.__version__, "diffold": diffold.__version__,
                              "accelerate": sys.modules["accelerate"].__version__}}
-        ckpts.save(name, state, ema, meta)
+        try:
+            ckpts.save(name, state, ema, meta)
+        except CheckpointWriteError as e:  # training state in memory is intact; older checkpoints are valid
+            write_failed(e, f"checkpoint {name} not saved; training continues and the next save retries")
+            return False
+        return True
+
+    def write_failed(err: CheckpointWriteError, consequence: str) -> None:
+        newest = ckpts.resolve("auto")
+        runlog.health_event({"time": time.time(), "step": state.global_step, "status": "critical",
+                             "check": "checkpoint_write", "message": f"{err}; {consequence}",
+                             "suggestion": f"free disk space; newest valid checkpoint: {newest or 'none'}",
+                             "action": "none"})
+
+    def export(dest: Path) -> None:
+        """Inference bundle of the EMA weights (main process); a failed write is reported, not fatal."""
+        if acc.is_main_process:
+            try:
+                export_inference_bundle(ema, cfg.to_dict()["model"], cfg.task, dest,
+                                        {"atoms": list(atoms), "diffusion": cfg.to_dict()["diffusion"]})
+            except CheckpointWriteError as e:
+                write_failed(e, "inference bundle not exported")
 
     def run_validation() -> str | None:
         """Validate with EMA weights; save best; returns 'early_stopped' when patience runs out."""
@@ -179,16 +225,17 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
             return None
         runlog.heartbeat(state.global_step, state.epoch, "validate")
         metrics = validate(acc, ema.module, diffusion, val_dl, val_ds, cfg, task, atoms, run_dir, state.global_step)
+        faults.kill_now(state.global_step, acc.process_index, kind="kill_in_val")  # test hook: samples written, best not
+        samples = run_dir / "samples" / f"step_{state.global_step:09d}"  # written by validate()
+        runlog.log_structures(state.global_step, sorted(samples.glob("*.pdb")))
         state.last_val = metrics
         best_key, mode = cfg.validation.best_metric, cfg.validation.best_mode
         value = metrics.get(best_key)
         es = cfg.training.early_stopping
         if value is not None and math.isfinite(value) and state.improved(value, mode, es.min_delta):
             state.best_value, state.best_step, state.bad_validations = value, state.global_step, 0
-            save("best")
-            if acc.is_main_process and cfg.checkpoint.export_best:
-                export_inference_bundle(ema, cfg.to_dict()["model"], cfg.task, ckpts.dir / "best" / "export",
-                                        {"atoms": list(atoms), "diffusion": cfg.to_dict()["diffusion"]})
+            if save("best") and cfg.checkpoint.export_best:
+                export(ckpts.dir / "best" / "export")
         else:
             state.bad_validations += 1
         runlog.log("val", state.global_step, state.epoch, {**metrics, "best_metric": best_key,
@@ -224,12 +271,13 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
             state.samples_seen += sum(len(b) for b in group) * acc.num_processes
             state.accumulation_multiplier = stepper.multiplier
             lr = scheduler.get_last_lr()[0]
-            losses = {"total": 1.0 if faults.active("stagnate", state.global_step, acc.process_index) else res.loss}
+            stagnant = faults.active("stagnate", state.global_step - 1, acc.process_index)  # fault steps count from 0
+            losses = {"total": 1.0 if stagnant else res.loss}
             report = monitor.update(state.global_step, {**res.terms, **losses}, res.grad_norm, lr,
                                     step_time, t1 - t0, last_memory(acc))
             for _ in range(res.oom_retries):
                 policy.on_oom(state.global_step)
-                runlog.health_event(policy.recent[-1].to_dict())
+                runlog.health_event(policy.recent[-1])  # on_oom records a plain dict
             bad, spike = sync_flags(acc, [res.skipped or report.bad_step, report.spike_confirmed])  # same branch on all ranks
             action = policy.decide(bad, spike, report)
             for ev in report.events:
@@ -266,10 +314,12 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
     if interval:
         flush_interval(runlog, state, stats, interval, monitor, policy, acc, progress)
     if status != "gave_up":
-        save(f"step_{state.global_step:09d}")
-        if acc.is_main_process:
-            export_inference_bundle(ema, cfg.to_dict()["model"], cfg.task, run_dir / "export",
-                                    {"atoms": list(atoms), "diffusion": cfg.to_dict()["diffusion"]})
+        if save(f"step_{state.global_step:09d}"):
+            export(run_dir / "export")
+        else:  # the final state is lost: say so, exit non-zero, point at what is left
+            status = "failed"
+            log.error("final checkpoint not written (see above); free disk space, then resume from the newest valid "
+                      "checkpoint (%s): %s", ckpts.resolve("auto") or "none: starts fresh", runlog.resume_command)
     else:
         log.error(policy.final_report().replace("{resume_command}", runlog.resume_command))
     same = ranks_agree(acc, acc.unwrap_model(model), ema.module)  # collective: every rank calls it

@@ -6,18 +6,22 @@ recorded sha256. Layout: checkpoints/step_000000120/, epoch_3/, best/ (+ best/ex
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from diffold.faults import sync_flag
 from diffold.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -28,6 +32,28 @@ EMA_FILE = "ema.safetensors"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with a one-line reason."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (e.g. disk full); the partial write is removed, older ones are intact."""
+
+
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)  # a full disk: OSError (json), RuntimeError (torch.save), safetensors
+
+
+def write_failure(target: Path, err: BaseException | None) -> CheckpointWriteError:
+    """One-line error for a failed write: says whether the disk is full and what to do."""
+    detail = " ".join(str(err).split())[:200] if err is not None else "failed on another process"
+    try:
+        free = shutil.disk_usage(target.parent).free
+    except OSError:
+        free = None
+    full = (getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in detail
+            or (free is not None and free < 64 * 1024**2))
+    if full:
+        return CheckpointWriteError(f"could not write {target}: disk full ({detail}); free space on {target.parent} "
+                                    "or lower checkpoint.keep_last_n")
+    return CheckpointWriteError(f"could not write {target} ({type(err).__name__}: {detail})")
 
 
 def sha256(path: Path) -> str:
@@ -87,35 +113,55 @@ class CheckpointManager:
         self.keep_last_n = keep_last_n
         self.before_commit = lambda: None  # test hook (fault injection): runs before meta.json is written
         if accelerator.is_main_process:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # a file where a directory should be, a read-only mount, permissions
+                raise CheckpointError(f"cannot create {self.dir} ({e.strerror or e}): choose a writable --output_dir") from None
 
     # ------------------------------------------------------------------ save
     def save(self, name: str, state: TrainState, ema, meta: dict) -> Path:
-        """Write checkpoints/<name>/ atomically; returns its path. Collective: call on every rank."""
+        """Write checkpoints/<name>/ atomically; returns its path. Collective: call on every rank.
+
+        A failed write (disk full, I/O error) on any rank removes the partial tmp dir and raises
+        CheckpointWriteError on every rank (after the same collectives); older checkpoints are untouched.
+        """
         acc = self.acc
         final, tmp = self.dir / name, self.dir / f"{name}.tmp"
         acc.wait_for_everyone()
         if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)  # model, optimizer, scheduler, scaler, RNG per rank
+        error: BaseException | None = None
+        try:
+            acc.save_state(str(tmp), safe_serialization=True)  # model, optimizer, scheduler, scaler, RNG per rank
+        except WRITE_ERRORS as e:  # every rank still takes the collectives below
+            error = e
+        failed = sync_flag(acc, error is not None)
         acc.wait_for_everyone()  # every rank's RNG file is in tmp before main checksums and renames
-        if acc.is_main_process:
-            save_file(ema.state_dict(), str(tmp / EMA_FILE))
-            write_json_atomic(tmp / STATE, state.to_dict())
-            self.before_commit()
-            files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-            meta = {**meta, "name": name, "timestamp": time.time(), "files": files}
-            write_json_atomic(tmp / META, meta)  # written last: its presence makes the checkpoint valid
-            old = self.dir / f"{name}.old"
-            if final.exists():
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-            _fsync_dir(self.dir)
-            if name.startswith("step_"):
-                self._point_latest(name)
-                self._rotate()
+        if acc.is_main_process and not failed:
+            try:
+                save_file(ema.state_dict(), str(tmp / EMA_FILE))
+                write_json_atomic(tmp / STATE, state.to_dict())
+                self.before_commit()
+                files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+                meta = {**meta, "name": name, "timestamp": time.time(), "files": files}
+                write_json_atomic(tmp / META, meta)  # written last: its presence makes the checkpoint valid
+                old = self.dir / f"{name}.old"
+                if final.exists():
+                    os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+                _fsync_dir(self.dir)
+                if name.startswith("step_"):
+                    self._point_latest(name)
+                    self._rotate()
+            except WRITE_ERRORS as e:
+                error = e
+        if sync_flag(acc, error is not None):
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # give back what the partial write took
+            acc.wait_for_everyone()
+            raise write_failure(final, error)
         acc.wait_for_everyone()
         return final
 
@@ -171,19 +217,47 @@ class CheckpointManager:
         if not ok:
             raise CheckpointError(f"checkpoint {path} is not usable: {reason}")
         meta = read_meta(path)
-        self.acc.load_state(str(path))
-        ema.load_state_dict(load_file(str(path / EMA_FILE), device=str(next(ema.module.parameters()).device)))
+        _check_rng_files(path)
+        try:  # pickled files are read with weights_only=True (Accelerate's default): code in them is refused
+            self.acc.load_state(str(path))
+            ema.load_state_dict(load_file(str(path / EMA_FILE), device=str(next(ema.module.parameters()).device)))
+        except (pickle.UnpicklingError, SafetensorError) as e:
+            raise CheckpointError(f"checkpoint {path}: refused to load ({type(e).__name__}: {_first_line(e)}); "
+                                  "it holds more than plain tensors/state (unsafe pickle?): resume from another one") from None
         state = TrainState.from_dict(json.loads((path / STATE).read_text(encoding="utf-8")))
         return state, meta
+
+
+def _first_line(err: BaseException) -> str:
+    """The informative line of an error; for torch's weights_only refusal, the line naming the blocked global."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()] or [type(err).__name__]
+    return next((ln for ln in lines if "GLOBAL" in ln), lines[0])[:200]
+
+
+def _check_rng_files(path: Path) -> None:
+    """Accelerate skips an RNG file it cannot unpickle with only an INFO line (the resume is then silently
+    not exact, and an unsafe pickle goes unnoticed): load each one here first, weights_only."""
+    from accelerate.utils import load as accelerate_load  # weights_only=True + Accelerate's numpy allow-list
+
+    for f in sorted(path.glob("random_states_*.pkl")):
+        try:
+            accelerate_load(f, map_location="cpu")
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+            raise CheckpointError(f"checkpoint {path}: refused to load {f.name} ({type(e).__name__}: {_first_line(e)}); "
+                                  "it holds more than plain RNG state (unsafe pickle?): resume from another one") from None
 
 
 def export_inference_bundle(ema, model_config: dict, task: str, out: Path, extra: dict | None = None) -> None:
     """safetensors weights + model config: what `python -m diffold.predict` loads."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(ema.state_dict(), str(tmp / "model.safetensors"))
-    write_json_atomic(tmp / "config.json", {"task": task, **model_config, **(extra or {})})
+    try:
+        tmp.mkdir(parents=True)
+        save_file(ema.state_dict(), str(tmp / "model.safetensors"))
+        write_json_atomic(tmp / "config.json", {"task": task, **model_config, **(extra or {})})
+    except WRITE_ERRORS as e:  # e.g. disk full: the previous bundle stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure(out, e) from None
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
 
@@ -191,7 +265,10 @@ def export_inference_bundle(ema, model_config: dict, task: str, out: Path, extra
 def load_weights_safely(path: Path) -> dict[str, torch.Tensor]:
     """Weights from safetensors, or a torch file with weights_only=True (refuses pickled code)."""
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as e:  # e.g. a pickle renamed to .safetensors
+            raise CheckpointError(f"{path}: not a valid safetensors file ({_first_line(e)}); re-export it") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError/RuntimeError variants for unsafe pickles

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
 import os
 import types
 import typing
@@ -83,6 +85,7 @@ class DiffusionConfig:
     sigma_max: float = 160.0
     rho: float = 7.0
     num_sampling_steps: int = 50
+    sampling_churn: float = 0.0            # EDM S_churn (Alg. 2) for sigma in [0.03, 3] x sigma_data; 0 = deterministic ODE
     num_timesteps: int = 1000              # DDPM only
     beta_schedule: Literal["cosine", "linear"] = "cosine"
     augment_rotation: bool = True          # random rigid augmentation of the clean structure
@@ -223,9 +226,10 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
-def _fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+@functools.lru_cache(maxsize=None)  # the schema is static; get_type_hints made every load_config ~0.3 s
+def _fields(cls: type) -> tuple[tuple[dataclasses.Field, Any], ...]:
     hints = typing.get_type_hints(cls)
-    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+    return tuple((f, hints[f.name]) for f in dataclasses.fields(cls))
 
 
 def _is_section(tp: Any) -> bool:
@@ -295,13 +299,16 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads '1e-4' (no dot) as a string
+        number = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):  # PyYAML reads '1e-4' as a string
             try:
-                return float(value)
-            except ValueError:
+                number = float(value)
+            except (ValueError, OverflowError):  # OverflowError: an int with hundreds of digits
                 pass
+        if number is not None and not math.isfinite(number):
+            raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
+        if number is not None:
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -331,7 +338,7 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"config file not found: {path} (pass an existing YAML, e.g. configs/smoke.yaml)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurdly deep nesting
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{path}: not valid YAML ({first}); safe YAML only, no !!python tags") from None
     if data is None:
@@ -397,7 +404,9 @@ def load_config(
     for item in overrides:
         key, value = parse_override(item)
         apply(key, value, f"override '{item}'")
-    return _finalize(_build(Config, tree, sources), sources)
+    from diffold.esm import resolve_local_models  # torch-free; reads local model dirs (not for saved configs)
+
+    return resolve_local_models(_finalize(_build(Config, tree, sources), sources))
 
 
 def _finalize(cfg: Config, sources: dict[str, str]) -> Config:

@@ -24,6 +24,8 @@ from torch.utils.data import DataLoader
 
 from diffold import structure
 from diffold.batch import Batch
+from diffold.plm import precompute_features
+from diffold.predicted import StructurePredictor
 from diffold.sampler import BucketBatchSampler
 from diffold.sources import (
     FEATURES,
@@ -78,7 +80,11 @@ def featurize_cached(items: list[dict], key: str, cache_dir: Path, num_proc: int
     with main_process_first():
         if final.is_dir():
             return load_from_disk(str(final)), True
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file where the directory should be, a read-only mount
+            raise DataError(f"cannot create data.cache_dir {cache_dir} ({e.strerror or e}): "
+                            "set data.cache_dir to a writable directory") from None
         _remove_stale_tmp(cache_dir)
         work = Dataset.from_list([{**it, "entries": json.dumps(it["entries"])} for it in items])
         ds = work.map(_featurize_batch, batched=True, batch_size=1, remove_columns=work.column_names,
@@ -287,9 +293,14 @@ def build_datasets(cfg, *, main_process_first: Callable = contextlib.nullcontext
     atoms = task.resolve_atoms(cfg.data.atoms)
     cache_dir = Path(cfg.data.cache_dir or ".cache/diffold")
     report = DataReport()
+    predictor = StructurePredictor(cfg) if cfg.data.use_predicted_structures else None  # ESMFold, loaded lazily
 
     def load(path: str, rep: SplitReport, taken: set[str] | None = None) -> tuple[Dataset, list[int]]:
-        items = group_by_file(collect(path, task.kind, rep))
+        missing: list | None = [] if predictor else None  # sequence-only manifest rows, to be predicted
+        entries = collect(path, task.kind, rep, missing)
+        if missing:
+            entries += predictor.entries(missing, rep)  # cached/predicted PDBs; failures skipped and counted
+        items = group_by_file(entries)
         rep.files_seen = len(items)
         key = _fingerprint(items, task, atoms, cfg.data.min_length)
         kwargs = {"task_name": task.name, "atoms": list(atoms), "min_length": cfg.data.min_length}
@@ -311,6 +322,13 @@ def build_datasets(cfg, *, main_process_first: Callable = contextlib.nullcontext
     else:
         val_table = train_table
         train_rows, val_rows = _split(train_table, train_rows, cfg, task, report)
+    if predictor is not None:
+        predictor.close()  # free ESMFold before training
+        report.preprocessing["predicted_structures"] = predictor.stats.to_dict()
+    if cfg.model.structure_encoder.plm_path:  # PLM features of every usable chain, before _finish checks them
+        chains = [pair for t, rows in ((train_table, train_rows), (val_table, val_rows)) if rows
+                  for pair in zip(*t.select(rows).select_columns(["id", "sequence"]).to_dict().values(), strict=True)]
+        report.preprocessing["plm_features"] = precompute_features(cfg, chains).to_dict()
     train = _finish(train_table, train_rows, report.train, cfg, train=True)
     val = _finish(val_table, val_rows, report.val, cfg, train=False)
     for name, path, ds, rep in (("train", cfg.data.train_path, train, report.train),

@@ -20,6 +20,7 @@ from diffold.sampling import ddim_sample, ddim_timesteps, heun_sample, karras_si
 
 TRANSLATION_STD = 1.0  # Angstrom; random translation of the augmented target (AF3 s_trans)
 LDDT_THRESHOLDS = (0.5, 1.0, 2.0, 4.0)
+CHURN_RANGE = (0.03, 3.0)  # x sigma_data: noise levels where sampling churn applies (0.5-50 A at 16 A)
 
 
 class LossOutput(NamedTuple):
@@ -156,11 +157,12 @@ class EDM:
 
     def sample(self, model, batch: Batch, num_steps: Optional[int] = None,
                generator: Optional[torch.Generator] = None) -> Tensor:
-        """Structures [B, L, A, 3] from noise by the Heun sampler; zeros at padding."""
+        """Structures [B, L, A, 3] from noise by the Heun sampler (+ churn if configured); zeros at padding."""
         sigmas = self.sigmas(num_steps, batch.coords.device)
         return heun_sample(
             lambda x, s: self.denoise(model, x, s, batch)[0],
             batch.coords.shape, sigmas, batch.residue_mask.bool(), generator,
+            churn=self.cfg.sampling_churn, churn_range=(CHURN_RANGE[0] * self.sigma_data, CHURN_RANGE[1] * self.sigma_data),
         )
 
     @property

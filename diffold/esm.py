@@ -100,29 +100,34 @@ def resolve_local_models(cfg: Config) -> Config:
     if cfg.model.feature_dim not in (0, hidden):
         raise ConfigError(f"model.feature_dim={cfg.model.feature_dim} but the PLM at {se.plm_path} has hidden size "
                           f"{hidden}; set model.feature_dim={hidden} (or 0: set automatically)")
-    layer = se.plm_layer % (layers + 1)  # -1 and `layers` name the same features: one cache
-    ident = {"model": model_identity(se.plm_path), "layer": layer, "hidden_size": hidden}
+    ident = plm_identity(se.plm_path, se.plm_layer)
     fdir = Path(d.feature_dir) if d.feature_dir else \
-        Path(d.cache_dir or ".cache/diffold") / "plm" / f"{ident['model']}-layer{layer}"
-    marker = fdir / PLM_MARKER
-    if marker.is_file():
-        try:
-            seen = json.loads(marker.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-            seen = None
-        if seen != ident:
-            raise ConfigError(f"data.feature_dir={fdir} holds features of another PLM or layer ({seen}, now {ident}); "
-                              "point data.feature_dir at a new directory (or null for the default) or delete it")
+        Path(d.cache_dir or ".cache/diffold") / "plm" / f"{ident['model']}-layer{ident['layer']}"
+    seen = read_marker(fdir)
+    if seen is not None and seen != ident:
+        raise ConfigError(f"data.feature_dir={fdir} holds features of another PLM or layer ({seen}, now {ident}); "
+                          "point data.feature_dir at a new directory (or null for the default) or delete it")
     model = dataclasses.replace(cfg.model, feature_dim=hidden)
     return dataclasses.replace(cfg, model=model, data=dataclasses.replace(d, feature_dir=str(fdir)))
 
 
-def plm_identity(cfg: Config) -> dict:
-    """What the PLM marker of data.feature_dir must say for this config (after resolve_local_models)."""
-    conf = json.loads((Path(cfg.model.structure_encoder.plm_path).expanduser() / "config.json").read_text())
+def plm_identity(plm_path: str, plm_layer: int) -> dict:
+    """What made a feature directory: PLM id, hidden-state layer (-1 resolved) and width."""
+    conf = json.loads((Path(plm_path).expanduser() / "config.json").read_text(encoding="utf-8"))
     layers = int(conf["num_hidden_layers"])
-    return {"model": model_identity(cfg.model.structure_encoder.plm_path),
-            "layer": cfg.model.structure_encoder.plm_layer % (layers + 1), "hidden_size": int(conf["hidden_size"])}
+    return {"model": model_identity(plm_path), "layer": plm_layer % (layers + 1),  # -1 == last: one cache
+            "hidden_size": int(conf["hidden_size"])}
+
+
+def read_marker(feature_dir: Path) -> dict | None:
+    """The PLM marker of a feature directory ({} if unreadable), None if there is none."""
+    marker = Path(feature_dir) / PLM_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return {}
 
 
 # --------------------------------------------------------------------------- loading

@@ -19,6 +19,8 @@ Intended effects (the training loop applies them):
   kill          kill the process abruptly (`kill_now`), as a crash mid-run would; the loop calls it
                 after the first micro-batch's backward, i.e. in the middle of gradient accumulation
   kill_in_save  kill the process inside a checkpoint write (after the state files, before meta.json)
+  kill_in_val   kill the process during validation (after the metrics, before `best` is saved)
+  enospc_in_save  raise OSError(ENOSPC) inside a checkpoint write (a full disk; before meta.json)
 A resumed run that replays a `kill` step dies again: resume with health.inject_faults="".
 """
 from __future__ import annotations
@@ -137,7 +139,8 @@ def sync_flag(accelerator: Any, flag: bool) -> bool:
 
 
 # ---------------------------------------------------------------------- test-only injection
-FAULT_KINDS = ("nan_loss", "nan_grad", "loss_spike", "grad_explode", "stagnate", "slow", "oom", "kill", "kill_in_save")
+FAULT_KINDS = ("nan_loss", "nan_grad", "loss_spike", "grad_explode", "stagnate", "slow", "oom", "kill", "kill_in_save",
+               "kill_in_val", "enospc_in_save")
 _ITEM = re.compile(r"^(?P<kind>[a-z_]+)@(?P<start>\d+)(?:-(?P<end>\d+))?(?::rank(?P<rank>\d+))?$")
 
 

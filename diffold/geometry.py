@@ -86,3 +86,50 @@ def weighted_rmsd(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> to
     w = weights.to(x.dtype)
     sq = ((aligned - y) ** 2).sum(-1)  # [B, N]
     return ((sq * w).sum(-1) / w.sum(-1).clamp_min(_EPS)).sqrt()
+
+
+# ----------------------------------------------------------------- chain invariants (model features)
+def chain_tangent(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x_{i+1} - x_{i-1} along the chain [B, L, 3] (one-sided at ends; padding neighbours ignored)."""
+    m = mask.to(x.dtype)
+    step = (x[:, 1:] - x[:, :-1]) * (m[:, 1:] * m[:, :-1])[..., None]  # [B, L-1, 3]
+    return torch.nn.functional.pad(step, (0, 0, 0, 1)) + torch.nn.functional.pad(step, (0, 0, 1, 0))
+
+
+def _shift(x: torch.Tensor, k: int) -> torch.Tensor:
+    """out[:, i] = x[:, i + k], zero-filled outside [0, L)."""
+    out = torch.zeros_like(x)
+    n = x.shape[1]
+    if abs(k) < n:
+        if k >= 0:
+            out[:, : n - k] = x[:, k:]
+        else:
+            out[:, -k:] = x[:, : n + k]
+    return out
+
+
+def dihedral_features(x: torch.Tensor, mask: torch.Tensor, scales: tuple[int, ...] = (1, 2, 4, 8)) -> torch.Tensor:
+    """(cos, sin) of the dihedral x_{i-k}, x_i, x_{i+k}, x_{i+2k} per scale k: [B, L, 2 * len(scales)].
+
+    SE(3)-invariant; sin flips sign in a mirror, so these tell a fold from its mirror image.
+    Zero where a point is missing (padding or chain end).
+    """
+    m = mask.to(x.dtype)
+    feats = []
+    for k in scales:
+        p0, p2, p3 = _shift(x, -k), _shift(x, k), _shift(x, 2 * k)  # [B, L, 3]
+        valid = _shift(m, -k) * m * _shift(m, k) * _shift(m, 2 * k)  # [B, L]
+        b1, b2, b3 = x - p0, p2 - x, p3 - p2
+        n1, n2 = torch.linalg.cross(b1, b2), torch.linalg.cross(b2, b3)
+        m1 = torch.linalg.cross(n1, b2 / (b2.norm(dim=-1, keepdim=True) + _EPS))
+        scale = n1.norm(dim=-1) * n2.norm(dim=-1) + 1e-6
+        feats += [(n1 * n2).sum(-1) / scale * valid, (m1 * n2).sum(-1) / scale * valid]
+    return torch.stack(feats, dim=-1)
+
+
+def pair_chirality(x: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    """Normalised signed volume (x_i - x_j) . (t_i x t_j) [B, L, L] in [-1, 1]: a pseudo-scalar."""
+    rel = x[:, :, None] - x[:, None, :]  # [B, i, j, 3]
+    triple = (rel * torch.linalg.cross(tangent[:, :, None].expand_as(rel), tangent[:, None, :].expand_as(rel))).sum(-1)
+    t_norm = tangent.norm(dim=-1)
+    return triple / (rel.norm(dim=-1) * t_norm[:, :, None] * t_norm[:, None, :] + 1e-6)

@@ -32,15 +32,22 @@ class StepResult:
     oom_retries: int            # OOM recoveries during this step
 
 
-def split_batches(batches: list[Batch], parts: int) -> list[Batch]:
-    """Each micro-batch cut into `parts` smaller ones (OOM recovery keeps the effective batch)."""
+def split_batches(batches: list[Batch], parts: int, total: int | None = None) -> list[Batch]:
+    """Each micro-batch cut into up to `parts` smaller ones (OOM recovery keeps the effective batch).
+
+    total: exactly this many pieces (<= the uncapped count), fewer cuts where pieces are smallest;
+    under DDP every rank must run the same number of micro-batches or the collectives mismatch.
+    """
     if parts == 1:
         return batches
+    cuts = [min(parts, len(b)) for b in batches]
+    while total is not None and sum(cuts) > total:
+        j = min((i for i, c in enumerate(cuts) if c > 1), key=lambda i: len(batches[i]) / cuts[i])
+        cuts[j] -= 1
     out = []
-    for b in batches:
-        n = len(b)
-        bounds = [round(i * n / parts) for i in range(parts + 1)]
-        out.extend(b.select(slice(lo, hi)) for lo, hi in zip(bounds, bounds[1:]) if hi > lo)
+    for b, c in zip(batches, cuts):
+        bounds = [round(i * len(b) / c) for i in range(c + 1)]
+        out.extend(b.select(slice(lo, hi)) for lo, hi in zip(bounds, bounds[1:]))
     return out
 
 
@@ -66,16 +73,31 @@ class Stepper:
         """Forward/backward every micro-batch of `group`, then one (possibly skipped) optimizer step."""
         oom_retries = 0
         while True:
-            micro = split_batches(group, self.multiplier)
+            micro = self._split(group)
             self.acc.step = 0  # our groups are exact; Accelerate's counter restarts at each
             self.acc.gradient_accumulation_steps = len(micro)
             try:
                 return self._run(micro, global_step, oom_retries)
-            except torch.OutOfMemoryError as e:
-                if not self.cfg.health.oom_recovery or self.multiplier >= max(len(b) for b in group):
+            except torch.OutOfMemoryError as e:  # under DDP every rank is here (agreed flag)
+                if not self.cfg.health.oom_recovery or self.multiplier >= self._agreed_max(max(len(b) for b in group)):
                     raise
                 oom_retries += 1
                 self._recover_from_oom(e)
+
+    def _agreed_max(self, value: int) -> int:
+        """Max of `value` over ranks (one all-reduce), so every rank takes the same branch / split."""
+        if self.acc.num_processes == 1:
+            return value
+        return int(self.acc.reduce(torch.tensor([value], device=self.acc.device), reduction="max").item())
+
+    def _split(self, group: list[Batch]) -> list[Batch]:
+        """Micro-batches of this step; with several ranks the same count on each (costs a collective only after an OOM)."""
+        if self.multiplier == 1:
+            return group
+        if self.acc.num_processes == 1:
+            return split_batches(group, self.multiplier)
+        pieces = sum(min(self.multiplier, len(b)) for b in group)
+        return split_batches(group, self.multiplier, total=-self._agreed_max(-pieces))  # min over ranks
 
     def _recover_from_oom(self, err: Exception) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -88,19 +110,31 @@ class Stepper:
             "effective batch unchanged", type(err).__name__, self.multiplier,
         )
 
-    def _forward_backward(self, batch: Batch, global_step: int) -> None:
+    def _forward(self, batch: Batch, global_step: int):
         faults, rank = self.faults, self.rank
+        out = self.diffusion.loss(self.model, batch)
+        # injected after the forward: a real OOM strikes after DDP's pre-forward buffer broadcast, so
+        # raising before it would leave the other ranks alone in that collective (a hang)
         if faults.consume("oom", global_step, rank):
             raise InjectedOOM("injected OOM (health.inject_faults)")
-        out = self.diffusion.loss(self.model, batch)
         loss = out.total.mean()
         if faults.active("nan_loss", global_step, rank):
             loss = loss * float("nan")
         if faults.active("loss_spike", global_step, rank):
             loss = loss * 1e3
-        self.acc.backward(loss)
+        return out, loss
+
+    def _backward(self, out, loss: torch.Tensor, global_step: int) -> None:
+        try:
+            self.acc.backward(loss)
+        except torch.OutOfMemoryError as e:
+            if self.sync_oom:  # the other ranks may be inside the gradient all-reduce: no joint retry possible
+                raise RuntimeError("out of memory in backward with several processes: cannot be retried in step; "
+                                   "lower training.batch_size or data.max_length, or enable "
+                                   "model.activation_checkpointing") from e
+            raise
         self.stats.add(out, loss.detach())
-        faults.kill_now(global_step, rank)  # test hook: dies between micro-batches, like a crash
+        self.faults.kill_now(global_step, self.rank)  # test hook: dies between micro-batches, like a crash
 
     def _inject_grad_faults(self, global_step: int) -> None:
         """Test hooks acting on the accumulated gradients before clipping."""
@@ -117,15 +151,16 @@ class Stepper:
             time.sleep(0.5)
         for batch in micro:
             with self.acc.accumulate(self.model):
-                oom = False
+                fwd = None
                 try:
-                    self._forward_backward(batch, global_step)
+                    fwd = self._forward(batch, global_step)
                 except torch.OutOfMemoryError:
                     if not self.sync_oom:
                         raise
-                    oom = True
-                if self.sync_oom and sync_flag(self.acc, oom):  # every rank retries together
+                # agreed between forward and backward: no rank has entered the gradient all-reduce yet
+                if self.sync_oom and sync_flag(self.acc, fwd is None):  # every rank retries together
                     raise InjectedOOM("out of memory on at least one rank")
+                self._backward(*fwd, global_step)
                 if self.acc.sync_gradients:
                     self._inject_grad_faults(global_step)
                     grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.max_norm)

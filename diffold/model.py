@@ -10,6 +10,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from diffold.geometry import chain_tangent, dihedral_features, pair_chirality
 from diffold.moe import FeedForward, MoEFeedForward
 
 # Size registry (cf. DiT_models). Per block ~18 d^2 parameters (attention 4, FFN 8, adaLN 6).
@@ -20,6 +21,7 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 }
 NUM_RBF = 32
 RBF_MAX = 3.0  # distances are in c_in-scaled units (~ A / sigma_data at low noise)
+DIHEDRAL_SCALES = (1, 2, 4, 8)  # chain dihedrals over residues i-k, i, i+k, i+2k
 
 
 def resolve_size(mcfg) -> dict[str, int]:
@@ -107,12 +109,6 @@ class DenoiserBlock(nn.Module):
         return h + (1 + gate2) * y, aux
 
 
-def chain_tangent(rep: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """x_{i+1} - x_{i-1} along the chain [B, L, 3] (one-sided at ends; padding neighbours ignored)."""
-    step = (rep[:, 1:] - rep[:, :-1]) * (m[:, 1:] * m[:, :-1])[..., None]  # [B, L-1, 3]
-    return F.pad(step, (0, 0, 0, 1)) + F.pad(step, (0, 0, 1, 0))
-
-
 class EGNNLayer(nn.Module):
     """One EGNN update (Satorras et al. 2021, eqs. 3-6) on residues with A atoms each, made
     chirality-aware: a pseudo-scalar edge feature and a cross-product displacement term keep
@@ -136,11 +132,7 @@ class EGNNLayer(nn.Module):
         norm = m.sum(-1).clamp_min(1.0)[:, None, None, None]  # [B, 1, 1, 1] real residues
         rep = representative(x, atom_mask)  # [B, L, 3]
         tangent = chain_tangent(rep, m)  # [B, L, 3]
-        rel = rep[:, :, None] - rep[:, None, :]  # [B, i, j, 3]
-        # Signed volume (x_i - x_j) . (t_i x t_j), normalised: invariant to rotation, flips in a mirror.
-        triple = (rel * torch.linalg.cross(tangent[:, :, None], tangent[:, None, :].expand_as(rel))).sum(-1)
-        scale = rel.norm(dim=-1) * tangent.norm(dim=-1)[:, :, None] * tangent.norm(dim=-1)[:, None, :]
-        chirality = (triple / (scale + 1e-6))[..., None]  # [B, i, j, 1] in [-1, 1]
+        chirality = pair_chirality(rep, tangent)[..., None]  # [B, i, j, 1]
         diff = x[:, :, :, None, :] - rep[:, None, None, :, :]  # [B, i, A, j, 3]
         dist = diff.square().sum(-1).add(1e-8).sqrt()  # [B, i, A, j]; eps keeps the grad finite at 0
         edge = self.src(h)[:, :, None] + self.dst(h)[:, None, :] + self.pair(z) + self.chiral(chirality)
@@ -194,11 +186,15 @@ class Denoiser(nn.Module):
         self.noise_emb = nn.Sequential(FourierEmbedding(d), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.relpos_emb = nn.Embedding(2 * mcfg.max_relpos + 1, dp)
         self.dist_proj = nn.Linear(NUM_RBF, dp)
+        # Chirality-aware invariants (dihedral sines, signed volumes): an E(3)-invariant trunk
+        # could not tell a fold from its mirror image.
+        self.dihedral_proj = nn.Linear(2 * len(DIHEDRAL_SCALES), d)
+        self.chirality_proj = nn.Linear(1, dp, bias=False)
         self.pair_norm = nn.LayerNorm(dp)
         self.blocks = nn.ModuleList(DenoiserBlock(d, dims["num_heads"], dp, mcfg) for _ in range(dims["num_layers"]))
         self.final_norm = nn.LayerNorm(d)
         if mcfg.head == "equivariant":
-            self.head = EquivariantHead(d, dp)
+            self.head = EquivariantHead(d, dp, hidden=2 * dp)
         else:
             self.head = nn.Linear(d, num_atoms * 3)
             nn.init.zeros_(self.head.weight)
@@ -231,9 +227,12 @@ class Denoiser(nn.Module):
             h = h + self.coord_proj(rearrange(x, "b l a c -> b l (a c)"))
 
         rep = representative(x, atom_mask)  # [B, L, 3]
+        h = h + self.dihedral_proj(dihedral_features(rep, mask, DIHEDRAL_SCALES))
         dist = (rep[:, :, None] - rep[:, None, :]).square().sum(-1).add(1e-8).sqrt()  # [B, L, L]
+        chirality = pair_chirality(rep, chain_tangent(rep, mask))[..., None]  # [B, L, L, 1]
         rel = (residue_index[:, None, :] - residue_index[:, :, None]).clamp(-self.max_relpos, self.max_relpos)
-        z = self.pair_norm(self.relpos_emb(rel + self.max_relpos) + self.dist_proj(rbf(dist)))  # [B, L, L, dp]
+        z = self.relpos_emb(rel + self.max_relpos) + self.dist_proj(rbf(dist)) + self.chirality_proj(chirality)
+        z = self.pair_norm(z)  # [B, L, L, dp]
         # Padding keys get -inf; an all-padding row keeps its keys so softmax stays finite.
         keep = mask | ~mask.any(-1, keepdim=True)
         key_bias = torch.zeros_like(dist[:, None, :1, :]).masked_fill(~keep[:, None, None, :], float("-inf"))

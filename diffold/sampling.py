@@ -1,6 +1,7 @@
 """Samplers: EDM Heun (Karras et al. 2022, Alg. 1/2) and deterministic DDIM (Song et al. 2021)."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -45,17 +46,29 @@ def heun_sample(
     sigmas: torch.Tensor,
     residue_mask: torch.Tensor,
     generator: Optional[torch.Generator] = None,
+    churn: float = 0.0,
+    churn_range: tuple[float, float] = (0.0, float("inf")),
 ) -> torch.Tensor:
-    """EDM deterministic 2nd-order sampler; denoise(x [B, L, A, 3], sigma [B]) -> D(x; sigma)."""
+    """EDM 2nd-order sampler; denoise(x [B, L, A, 3], sigma [B]) -> D(x; sigma).
+
+    churn = 0: deterministic probability-flow ODE (EDM Alg. 1). churn > 0: EDM Alg. 2, which
+    re-injects noise (gamma = min(churn / steps, sqrt 2 - 1)) for sigma inside churn_range;
+    it corrects errors made early in the trajectory (wrong folds) at no extra model calls.
+    """
     m = residue_mask[..., None, None].to(torch.float32)  # [B, L, 1, 1]
     x = gaussian(shape, generator, residue_mask.device) * sigmas[0] * m
-    batch = shape[0]
-    for s_cur, s_next in zip(sigmas[:-1], sigmas[1:]):
-        d_cur = (x - denoise(x, s_cur.expand(batch))) / s_cur  # dx/dsigma of the probability-flow ODE
-        x_next = x + (s_next - s_cur) * d_cur
-        if s_next > 0:  # Heun correction; the last step to sigma = 0 stays Euler (EDM Alg. 1)
-            d_next = (x_next - denoise(x_next, s_next.expand(batch))) / s_next
-            x_next = x + (s_next - s_cur) * 0.5 * (d_cur + d_next)
+    batch, steps = shape[0], len(sigmas) - 1
+    gamma_max = min(churn / steps, math.sqrt(2) - 1)
+    for s_cur, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        gamma = gamma_max if churn_range[0] <= s_cur <= churn_range[1] else 0.0
+        s_hat = s_cur * (1 + gamma)
+        if gamma > 0:  # raise the noise level from s_cur to s_hat
+            x = x + math.sqrt(s_hat ** 2 - s_cur ** 2) * gaussian(shape, generator, x.device) * m
+        d_cur = (x - denoise(x, x.new_full((batch,), s_hat))) / s_hat  # dx/dsigma of the ODE
+        x_next = x + (s_next - s_hat) * d_cur
+        if s_next > 0:  # Heun correction; the last step to sigma = 0 stays Euler
+            d_next = (x_next - denoise(x_next, x.new_full((batch,), s_next))) / s_next
+            x_next = x + (s_next - s_hat) * 0.5 * (d_cur + d_next)
         x = x_next * m
     return _finish(x, residue_mask)
 

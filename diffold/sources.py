@@ -19,6 +19,7 @@ from diffold.tasks import Task
 
 STRUCTURE_SUFFIXES = (".pdb", ".cif", ".mmcif", ".ent")
 NO_STRUCTURE = "no structure (set data.use_predicted_structures to predict one)"
+MAX_WEIGHT = 1e6  # a larger per-chain weight overflows float32 losses (or is a typo)
 VAL_NAMES = {"val", "valid", "validation", "dev"}
 TRAIN_NAMES = {"train", "training"}
 
@@ -74,10 +75,12 @@ class DataReport:
     val: SplitReport = field(default_factory=SplitReport)
     split_method: str = "separate files"
     cache_hit: dict[str, bool] = field(default_factory=dict)  # source path -> reused an existing cache
+    preprocessing: dict = field(default_factory=dict)  # predicted-structure / PLM-feature pass counts
 
     def to_dict(self) -> dict:
         return {"train": self.train.to_dict(), "val": self.val.to_dict(),
-                "split_method": self.split_method, "cache_hit": dict(self.cache_hit)}
+                "split_method": self.split_method, "cache_hit": dict(self.cache_hit),
+                "preprocessing": dict(self.preprocessing)}
 
 
 # --------------------------------------------------------------------------- discovery
@@ -85,11 +88,15 @@ def has_structure_suffix(p: Path) -> bool:
     return p.name.lower().removesuffix(".gz").endswith(STRUCTURE_SUFFIXES)
 
 
-def collect(path: str, task_kind: str, report: SplitReport) -> list[Entry]:
-    """Entries of a directory (recursive), a glob, a single structure file, or a CSV manifest."""
+def collect(path: str, task_kind: str, report: SplitReport, missing: list[Entry] | None = None) -> list[Entry]:
+    """Entries of a directory (recursive), a glob, a single structure file, or a CSV manifest.
+
+    missing: a list that receives manifest rows with a sequence but no structure file (Entry with
+    path "", for the predicted-structure pass) instead of skipping them.
+    """
     p = Path(path)
     if p.is_file() and p.suffix.lower() in (".csv", ".tsv"):
-        return read_manifest(p, task_kind, report)
+        return read_manifest(p, task_kind, report, missing)
     if p.is_dir():
         found = sorted(f for f in p.rglob("*") if has_structure_suffix(f) and not f.is_dir())
         return _files(found, report, lambda f: str(f.relative_to(p)))
@@ -115,7 +122,7 @@ def _files(paths: list[Path], report: SplitReport, display) -> list[Entry]:
     return entries
 
 
-def read_manifest(path: Path, task_kind: str, report: SplitReport) -> list[Entry]:
+def read_manifest(path: Path, task_kind: str, report: SplitReport, missing: list[Entry] | None = None) -> list[Entry]:
     """CSV rows -> entries; row problems are skipped with a reason, a bad header is a DataError."""
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -129,19 +136,36 @@ def read_manifest(path: Path, task_kind: str, report: SplitReport) -> list[Entry
                         f"(has {sorted(cols) or 'no header'})")
     seen: set[str] = set()
     entries = []
-    for raw in reader:
+    for raw in _readable_rows(reader, path.name, report):
         where = f"{path.name}:{reader.line_num}"  # the row's (last) line in the file
         if None in raw:
             report.skip(where, None, f"malformed row: more fields than the {len(cols)}-column header")
             continue
         row = {k.strip(): (v or "").strip() for k, v in raw.items() if k}
-        entry = _row_entry(row, path.parent, task_kind, where, seen, report)
+        entry = _row_entry(row, path.parent, task_kind, where, seen, report, missing)
         if entry is not None:
             entries.append(entry)
     return entries
 
 
-def _row_entry(row: dict, root: Path, task_kind: str, where: str, seen: set, report: SplitReport) -> Entry | None:
+def _readable_rows(reader: csv.DictReader, name: str, report: SplitReport):
+    """The reader's rows; a row the csv module refuses (e.g. a field over its 128 KiB limit) is skipped."""
+    failed = 0  # refused lines since the last good row: line_num counts them only at the next good row
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            failed += 1
+            report.skip(f"{name}:{reader.line_num + failed}", None, f"malformed row: {e}")
+            continue
+        failed = 0
+        yield row
+
+
+def _row_entry(row: dict, root: Path, task_kind: str, where: str, seen: set, report: SplitReport,
+               missing: list[Entry] | None = None) -> Entry | None:
     rid, chain = row.get("id", ""), row.get("chain") or None
     if not rid:
         return report.skip(where, chain, "missing id")
@@ -153,8 +177,8 @@ def _row_entry(row: dict, root: Path, task_kind: str, where: str, seen: set, rep
         weight = float(weight_text) if weight_text else 1.0
     except ValueError:
         weight = math.nan
-    if not math.isfinite(weight) or weight <= 0:
-        return report.skip(where, chain, f"bad weight: {weight_text!r} (need a finite number > 0)")
+    if not math.isfinite(weight) or weight <= 0 or weight > MAX_WEIGHT:  # weights are stored as float32
+        return report.skip(where, chain, f"bad weight: {weight_text!r} (need a finite number > 0 and <= {MAX_WEIGHT:g})")
     molecule = row.get("molecule", "").lower()
     if molecule and molecule != task_kind:
         return report.skip(where, chain, f"molecule is {molecule}, task is {task_kind}")
@@ -162,10 +186,16 @@ def _row_entry(row: dict, root: Path, task_kind: str, where: str, seen: set, rep
     if seq is not None and not seq.isalpha():
         return report.skip(where, chain, f"bad sequence: {seq[:20]!r} (letters only)")
     rel = row.get("structure_path", "")
+    if not rel and seq and missing is not None:  # to be predicted (data.use_predicted_structures)
+        return missing.append(Entry("", where, rid, chain, seq, weight, row.get("split", "").lower() or None))
     if not rel:
         return report.skip(where, chain, NO_STRUCTURE if seq else "no sequence and no structure_path")
-    full = (root / rel).resolve()
-    if not full.is_file():
+    try:
+        full = (root / rel).resolve()
+        found = full.is_file()
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a name too long, a symlink loop (RuntimeError)
+        return report.skip(where, chain, f"bad structure_path: {rel[:60]!r} ({type(e).__name__}: {str(e)[:60]})")
+    if not found:
         return report.skip(where, chain, f"file not found: {full}")
     return Entry(str(full), rel, rid, chain, seq, weight, row.get("split", "").lower() or None)
 

@@ -24,6 +24,8 @@ _PURINES = set("AG")
 _AA3 = dict(zip("ACDEFGHIKLMNPQRSTVWY", "ALA CYS ASP GLU PHE GLY HIS ILE LYS LEU MET ASN PRO GLN ARG SER THR VAL TRP TYR".split(), strict=True))
 _CHAIN_POOL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _TEXT = bytes(range(32, 127)) + b"\t\n\r"
+_PDB_XYZ = re.compile(rb"^(?:ATOM  |HETATM).{24}(.{24})", re.MULTILINE)   # columns 31-54: x, y, z
+_NUMERIC = b"0123456789 .eE+-naifNAIF"   # what numbers (and nan/inf) are written with
 
 
 class StructureError(ValueError):
@@ -108,6 +110,12 @@ def read_gemmi(path: str | Path) -> gemmi.Structure:
     if not is_cif and last[:6] in (b"ATOM  ", b"HETATM") and len(last.rstrip()) < 54:
         # gemmi reads a PDB cut mid-line silently: a coordinate line ends at column 54
         raise StructureError(f"{path}: truncated (last coordinate line is incomplete); re-download the file")
+    if not is_cif and b"".join(_PDB_XYZ.findall(data)).translate(None, _NUMERIC):
+        # gemmi reads a non-numeric PDB coordinate ('********' overflow, garbage) as 0 without a word
+        bad = next(m for m in _PDB_XYZ.finditer(data) if m.group(1).translate(None, _NUMERIC))
+        line = data.count(b"\n", 0, bad.start()) + 1
+        raise StructureError(f"{path}: corrupt coordinates on line {line} (x/y/z columns are not numbers); "
+                             "re-download or re-export the file")
     try:
         fmt = gemmi.CoorFormat.Mmcif if is_cif else gemmi.CoorFormat.Pdb
         st = gemmi.read_structure_string(data, merge_chain_parts=True, format=fmt)

@@ -143,6 +143,21 @@ class RunLog:
             except Exception as e:  # an alert must never stop training
                 log.warning("W&B alert failed (%s)", e)
 
+    def log_structures(self, step: int, paths: list[Path]) -> int:
+        """Sampled validation structures to the W&B run page (`val/samples` 3D panel); returns how many."""
+        if self.wandb_run is None or not paths:
+            return 0
+        try:
+            import wandb
+
+            molecules = [wandb.Molecule(str(p), caption=f"{Path(p).stem} (step {step})") for p in paths]
+            self.wandb_run.log({"val/samples": molecules, "train/global_step": step})
+        except Exception as e:  # media are a convenience: the PDB files stay in samples/, training goes on
+            log.warning("W&B structure upload failed for %d file(s) (%s: %s); they stay in %s",
+                        len(paths), type(e).__name__, e, Path(paths[0]).parent)
+            return 0
+        return len(paths)
+
     def heartbeat(self, step: int, epoch: int, phase: str, status: str = "running") -> None:
         if not self.main:
             return
