@@ -20,7 +20,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs, PartialState
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, parse_flag_from_env, set_seed
+from accelerate.utils import (
+    DistributedType,
+    ProjectConfiguration,
+    broadcast_object_list,
+    parse_flag_from_env,
+    set_seed,
+)
 
 import diffold
 from diffold.checkpoint import (
@@ -41,7 +47,7 @@ from diffold.loop import LossStats, Stepper
 from diffold.memory import memory_stats
 from diffold.model import build_model, count_parameters
 from diffold.optim import build_optimizer, build_scheduler
-from diffold.state import TrainState
+from diffold.state import TrainState, improved
 from diffold.tasks import get_task
 from diffold.tracking import RunLog, setup_logging, wandb_mode
 
@@ -59,8 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)  # overrides may come before or after options
 
 
-def resume_command(run_dir: Path, num_processes: int) -> str:
-    launch = f"accelerate launch --num_processes {num_processes}" if num_processes > 1 else "python"
+def resume_command(run_dir: Path, num_processes: int, device_type: str = "cuda") -> str:
+    launch = "python"
+    if num_processes > 1 and device_type == "cpu":
+        launch = f"ACCELERATE_USE_CPU=true accelerate launch --config_file accelerate_configs/cpu_ddp.yaml --num_processes {num_processes}"
+    elif num_processes > 1:
+        launch = f"accelerate launch --num_processes {num_processes}"
     return f"{launch} train_full.py --config {run_dir}/config.yaml --output_dir {run_dir} --resume auto"
 
 
@@ -113,7 +123,10 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
     if acc.is_main_process:
         write_json_atomic(run_dir / "data_report.json", report.to_dict())
     shard = {"num_replicas": acc.num_processes, "rank": acc.process_index}
-    train_dl = build_loader(train_ds, cfg, train=True, batches_multiple_of=k, **shard)
+    try:
+        train_dl = build_loader(train_ds, cfg, train=True, batches_multiple_of=k, **shard)
+    except ValueError as e:  # fewer chains than processes x accumulation steps
+        raise DataError(f"{cfg.data.train_path}: {e}") from None
     if val_ds is not None and len(val_ds) < acc.num_processes:
         # too few chains to shard: every rank validates all of them with the same seed (identical
         # losses, so the cross-rank mean is unchanged) instead of failing
@@ -176,7 +189,7 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
     ckpts.before_commit = before_commit
     stepper = Stepper(acc, model, diffusion, optimizer, scheduler, ema, cfg, faults, stats)
     stepper.set_multiplier(state.accumulation_multiplier)
-    runlog = RunLog(run_dir, acc, total_steps, resume_command(run_dir, acc.num_processes))
+    runlog = RunLog(run_dir, acc, total_steps, resume_command(run_dir, acc.num_processes, acc.device.type))
     state.wandb_run_id = runlog.init_trackers(cfg, run_dir.name, state.wandb_run_id)
     effective = cfg.effective_batch_size(acc.num_processes)
     log.info("diffold %s | %s task | %d params | %d train / %d val chains | effective batch %d = %d x %d accum x %d proc | %d steps",
@@ -232,12 +245,15 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
         best_key, mode = cfg.validation.best_metric, cfg.validation.best_mode
         value = metrics.get(best_key)
         es = cfg.training.early_stopping
-        if value is not None and math.isfinite(value) and state.improved(value, mode, es.min_delta):
-            state.best_value, state.best_step, state.bad_validations = value, state.global_step, 0
-            if save("best") and cfg.checkpoint.export_best:
-                export(ckpts.dir / "best" / "export")
+        es_value = metrics.get(es.metric or best_key)
+        if es_value is not None and math.isfinite(es_value) and improved(es_value, state.es_best, es.mode or mode, es.min_delta):
+            state.es_best, state.bad_validations = es_value, 0
         else:
             state.bad_validations += 1
+        if value is not None and math.isfinite(value) and improved(value, state.best_value, mode):
+            state.best_value, state.best_step = value, state.global_step
+            if save("best") and cfg.checkpoint.export_best:
+                export(ckpts.dir / "best" / "export")
         runlog.log("val", state.global_step, state.epoch, {**metrics, "best_metric": best_key,
                                                            "best_value": state.best_value, "best_step": state.best_step})
         log.info("validation step %d: %s", state.global_step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
@@ -345,8 +361,10 @@ def last_memory(acc) -> dict:
     return _MEMORY
 
 
-def ranks_agree(acc, *modules: torch.nn.Module) -> bool:
+def ranks_agree(acc, *modules: torch.nn.Module) -> bool | None:
     """Safety check: all ranks hold the same weights (float64 sum per tensor, gathered); logs an error if not."""
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return None  # parameters may be sharded per rank: their sums are not comparable
     sums = torch.stack([p.detach().double().sum() for m in modules for p in m.parameters()])  # [P]
     every = acc.gather(sums[None]).reshape(acc.num_processes, -1)                           # [R, P]
     same = torch.isclose(every, every[:1], rtol=0, atol=0, equal_nan=True).all(0)           # [P]

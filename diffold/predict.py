@@ -85,10 +85,12 @@ def read_inputs(path: Path, task, atoms) -> list[tuple[str, str, object]]:
     return out
 
 
-def make_batch(task, sequence: str, num_atoms: int, copies: int) -> Batch:
+def make_batch(task, sequence: str, num_atoms: int, copies: int, features: torch.Tensor | None = None) -> Batch:
+    """`copies` rows of one sequence to sample from; features [L, F] when the model was trained with them."""
     tokens = task.tokenize(sequence)
     L = len(tokens)
     return Batch(
+        features=None if features is None else features.expand(copies, *features.shape).clone(),
         ids=[f"s{i}" for i in range(copies)], tokens=tokens.expand(copies, L).clone(),
         coords=torch.zeros(copies, L, num_atoms, 3), atom_mask=torch.ones(copies, L, num_atoms, dtype=torch.bool),
         residue_mask=torch.ones(copies, L, dtype=torch.bool), residue_index=torch.arange(L).expand(copies, L).clone(),
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
     from diffold.structure import chain_from_coords, write_structure
 
     try:
-        model, diffusion, task, atoms, _ = load_bundle(args.checkpoint)
+        model, diffusion, task, atoms, cfg = load_bundle(args.checkpoint)
         inputs = read_inputs(args.input, task, atoms)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -119,9 +121,21 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rep, report = representative_atom(task, atoms), {}
     gen = torch.Generator().manual_seed(args.seed)
+    embedder = None
+    if cfg.model.feature_dim > 0:  # trained with per-residue PLM features: compute them the same way
+        enc = cfg.model.structure_encoder
+        if not enc.plm_path or not Path(enc.plm_path).is_dir():
+            print(f"error: this model needs per-residue features from model.structure_encoder.plm_path={enc.plm_path!r}, "
+                  "which is not a local directory here; copy the ESM-2 model there", file=sys.stderr)
+            return 2
+        from diffold.plm import Embedder
+
+        embedder = Embedder(enc.plm_path, enc.plm_layer)
     for chain_id, sequence, ref in inputs:
+        feats = embedder.embed([sequence])[0] if embedder is not None else None
         with torch.no_grad():
-            coords = diffusion.sample(model, make_batch(task, sequence, len(atoms), args.num_samples), args.steps, gen)
+            batch = make_batch(task, sequence, len(atoms), args.num_samples, feats)
+            coords = diffusion.sample(model, batch, args.steps, gen)
         for k in range(args.num_samples):
             pred = coords[k].numpy().astype(np.float32)
             name = f"{chain_id}_sample{k}"

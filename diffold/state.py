@@ -14,6 +14,7 @@ class TrainState:
     best_value: Optional[float] = None
     best_step: Optional[int] = None
     bad_validations: int = 0        # early-stopping counter
+    es_best: Optional[float] = None  # best value of the early-stopping metric
     lr_scale: float = 1.0           # product of rollback LR back-offs
     accumulation_multiplier: int = 1  # > 1 after OOM recovery halved the micro-batch
     loss_history: list[list[float]] = field(default_factory=list)  # [step, mean loss] per log interval
@@ -31,7 +32,10 @@ class TrainState:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
-    def improved(self, value: float, mode: str, min_delta: float = 0.0) -> bool:
-        if self.best_value is None:
-            return True
-        return value < self.best_value - min_delta if mode == "min" else value > self.best_value + min_delta
+
+
+def improved(value: float, best: Optional[float], mode: str, min_delta: float = 0.0) -> bool:
+    """value beats best by more than min_delta in direction mode ('min' | 'max'); None is always beaten."""
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
+from accelerate.utils import DistributedType
 from test_train import assert_bit_identical  # same comparison as the 1-process resume tests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +144,7 @@ def test_rank_checksum_detects_divergence(caplog):
             other = t.clone()
             other[0, -1] += delta
             return torch.cat([t, other])
-        return SimpleNamespace(num_processes=2, gather=gather)
+        return SimpleNamespace(num_processes=2, gather=gather, distributed_type=DistributedType.MULTI_CPU)
 
     assert ranks_agree(fake_acc(0.0), model, model)
     with caplog.at_level(logging.ERROR):

@@ -324,3 +324,11 @@ def test_precompute_cli_then_train_full_with_plm_features(esm_dirs, tmp_path):
     proj = [v for k, v in weights.items() if "feature_proj.weight" in k]
     assert proj and proj[0].shape[1] == PLM_HIDDEN
     assert '"event": "train"' in (run / "metrics.jsonl").read_text()
+    # 3) inference computes the same PLM features for new sequences
+    fasta = tmp_path / "new.fasta"
+    fasta.write_text(">new\n" + seq(rng, 20) + "\n")
+    r = subprocess.run([sys.executable, "-m", "diffold.predict", "--checkpoint", str(run / "export"), "--input",
+                        str(fasta), "--out", str(tmp_path / "pred"), "--steps", "2"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "pred" / "new_sample0.pdb").is_file()
