@@ -8,7 +8,7 @@ it is only ever called, never inspected.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from einops import rearrange
@@ -232,7 +232,10 @@ def make_alpha_bars(num_timesteps: int, schedule: str) -> Tensor:
     return torch.cumprod(1 - betas, dim=0)
 
 
-def build_diffusion(cfg, task) -> EDM | DDPM:
+Diffusion = Union[EDM, DDPM]  # both: loss(model, batch), sample(model, batch, num_steps, generator), noise_bins
+
+
+def build_diffusion(cfg, task) -> Diffusion:
     """EDM or DDPM according to cfg.diffusion.formulation."""
     d = cfg.diffusion
     if d.formulation == "edm":

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from diffold.batch import Batch
+from diffold.diffusion import weighted_mean
 from diffold.health import sync_flag
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class Stepper:
         # raising before it would leave the other ranks alone in that collective (a hang)
         if faults.consume("oom", global_step, rank):
             raise InjectedOOM("injected OOM (health.inject_faults)")
-        loss = out.total.mean()
+        loss = weighted_mean(out.total, batch.weights)  # manifest chain weights (e.g. 1 / cluster size)
         if faults.active("nan_loss", global_step, rank):
             loss = loss * float("nan")
         if faults.active("loss_spike", global_step, rank):

@@ -1,4 +1,10 @@
-"""Denoiser network: pair-biased transformer trunk + E(3)-equivariant (or AF3-style) coordinate head."""
+"""Denoiser network: pair-biased transformer trunk + equivariant (or AF3-style) coordinate head.
+
+The default head is SE(3)-equivariant (rotations + translations) but deliberately NOT mirror
+symmetric: a fully E(3) (reflection-equivariant) denoiser samples the mirror image of a fold
+half of the time, because Gaussian noise is mirror symmetric. Chirality enters via dihedral
+sines, signed volumes and a cross-product displacement term.
+"""
 from __future__ import annotations
 
 import math
@@ -12,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffold.geometry import chain_tangent, dihedral_features, pair_chirality
 from diffold.moe import FeedForward, MoEFeedForward
+from diffold.tasks import get_task
 
 # Size registry (cf. DiT_models). Per block ~18 d^2 parameters (attention 4, FFN 8, adaLN 6).
 MODEL_SIZES: dict[str, dict[str, int]] = {
@@ -98,7 +105,7 @@ class DenoiserBlock(nn.Module):
         q, k, v = rearrange(self.qkv(x), "b l (three h e) -> three b h l e", three=3, h=self.num_heads)
         bias = rearrange(self.pair_bias(z), "b i j h -> b h i j") + key_bias  # [B, H, L, L]
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0
         )
         h = h + (1 + gate1) * self.out(rearrange(o, "b h l e -> b l (h e)"))
         x = self.norm2(h) * (1 + scale2) + shift2
@@ -256,8 +263,6 @@ class Denoiser(nn.Module):
 
 def build_model(cfg, num_atoms: int) -> Denoiser:
     """Denoiser for cfg.task's vocabulary with `num_atoms` representative atoms per residue."""
-    from diffold.tasks import get_task
-
     return Denoiser(cfg.model, get_task(cfg.task).vocab_size, num_atoms)
 
 

@@ -50,7 +50,7 @@ class MoEFeedForward(nn.Module):
             # Every expert runs (possibly on zero tokens) so DDP always sees all parameters used.
             tok, slot = torch.where(flat_idx == e)
             y = expert(flat_x[tok]) * flat_gate[tok, slot, None]
-            out = out.index_add(0, tok, y)
+            out = out.index_add(0, tok, y.to(out.dtype))  # autocast may return a lower precision
         y = rearrange(out, "(b l) d -> b l d", b=b, l=n)
 
         # Switch load balancing per example over its real tokens: E * sum_e f_e * P_e,

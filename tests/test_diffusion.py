@@ -193,8 +193,9 @@ def _oracle_edm_model(edm, x0):
     return model
 
 
-def test_heun_sampler_reaches_the_ideal_denoisers_structure():
-    cfg = _cfg()
+@pytest.mark.parametrize("churn", [0.0, 40.0])
+def test_heun_sampler_reaches_the_ideal_denoisers_structure(churn):
+    cfg = _cfg(f"diffusion.sampling_churn={churn}")
     edm, batch = build_diffusion(cfg, TASK), _batch([9, 9])
     out = edm.sample(_oracle_edm_model(edm, batch.coords), batch, num_steps=8,
                      generator=torch.Generator().manual_seed(0))
@@ -209,6 +210,15 @@ def test_sampler_is_seeded_masked_and_deterministic():
     c = edm.sample(model, batch, num_steps=3, generator=torch.Generator().manual_seed(8))
     assert a.shape == batch.coords.shape and torch.equal(a, b) and not torch.allclose(a, c)
     assert torch.equal(a[0, 6:], torch.zeros_like(a[0, 6:])) and torch.isfinite(a).all()
+
+
+def test_churn_is_seeded_and_changes_the_trajectory():
+    cfg = _cfg("diffusion.sampling_churn=40")
+    edm, model, batch = build_diffusion(cfg, TASK), _model(cfg), _batch([8, 8])
+    plain = build_diffusion(_cfg(), TASK).sample(model, batch, num_steps=6, generator=torch.Generator().manual_seed(7))
+    a = edm.sample(model, batch, num_steps=6, generator=torch.Generator().manual_seed(7))
+    b = edm.sample(model, batch, num_steps=6, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and not torch.allclose(a, plain)
 
 
 def test_noise_bins_are_contiguous():

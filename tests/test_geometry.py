@@ -3,7 +3,17 @@ import math
 
 import torch
 
-from diffold.geometry import centre, kabsch_align, kabsch_rotation, random_rotations, rotate, weighted_rmsd
+from diffold.geometry import (
+    centre,
+    chain_tangent,
+    dihedral_features,
+    kabsch_align,
+    kabsch_rotation,
+    pair_chirality,
+    random_rotations,
+    rotate,
+    weighted_rmsd,
+)
 
 
 def _points(b=3, n=12, seed=0):
@@ -112,3 +122,41 @@ def test_rotate_matches_matrix_product():
     theta = math.pi / 2
     rz = torch.tensor([[math.cos(theta), -math.sin(theta), 0], [math.sin(theta), math.cos(theta), 0], [0, 0, 1]])
     assert torch.allclose(rotate(torch.tensor([[[1.0, 0, 0]]]), rz[None]), torch.tensor([[[0.0, 1, 0]]]), atol=1e-6)
+
+
+def _helix(n=20, handed=1.0):
+    t = torch.arange(n, dtype=torch.float32)
+    return torch.stack([9 * torch.cos(0.6 * t), handed * 9 * torch.sin(0.6 * t), 2.8 * t], -1)[None]  # [1, n, 3]
+
+
+def test_dihedral_features_are_invariant_and_chiral():
+    x, mask = _helix(), torch.ones(1, 20, dtype=torch.bool)
+    feats = dihedral_features(x, mask)
+    assert feats.shape == (1, 20, 8)
+    rot = random_rotations(1, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(dihedral_features(rotate(x, rot) + 3.0, mask), feats, atol=1e-4)
+    mirrored = dihedral_features(_helix(handed=-1.0), mask)
+    assert torch.allclose(mirrored[..., 0::2], feats[..., 0::2], atol=1e-4)  # cos unchanged
+    assert torch.allclose(mirrored[..., 1::2], -feats[..., 1::2], atol=1e-4)  # sin flips
+    assert feats[0, 1:17, 1].abs().min() > 0.1  # a helix has a clear handedness at scale 1
+
+
+def test_dihedral_features_ignore_padding():
+    x, mask = _helix(), torch.ones(1, 20, dtype=torch.bool)
+    mask[:, 12:] = False
+    padded = x.clone()
+    padded[:, 12:] = 1e3  # garbage
+    feats = dihedral_features(padded, mask)
+    assert torch.allclose(feats[:, :12], dihedral_features(x[:, :12], mask[:, :12]), atol=1e-5)
+    assert torch.equal(feats[:, 12:], torch.zeros_like(feats[:, 12:]))
+
+
+def test_pair_chirality_is_a_pseudo_scalar():
+    x, mask = _helix(), torch.ones(1, 20, dtype=torch.bool)
+    chi = pair_chirality(x, chain_tangent(x, mask))
+    rot = random_rotations(1, generator=torch.Generator().manual_seed(2))
+    xr = rotate(x, rot)
+    assert torch.allclose(pair_chirality(xr, chain_tangent(xr, mask)), chi, atol=1e-4)
+    xm = x * torch.tensor([1.0, -1.0, 1.0])
+    assert torch.allclose(pair_chirality(xm, chain_tangent(xm, mask)), -chi, atol=1e-4)
+    assert chi.abs().max() <= 1.0 + 1e-5 and chi.abs().max() > 0.1

@@ -197,8 +197,9 @@ def test_gradients_reach_all_parameters():
     model = _model("model.use_moe=true").train()
     out, aux = _run(model, _inputs(b=2, n=8))
     (out.square().sum() + aux.sum()).backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None and n != "token_emb.weight"]
-    assert not missing, missing
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing  # DDP with find_unused_parameters=False needs every parameter used
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_all_padding_row_stays_finite():

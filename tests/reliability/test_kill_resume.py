@@ -95,6 +95,11 @@ def test_chain_of_deterministic_kill_points(runs, reference, helpers, tmp_path):
 MODES = ("random", "checkpoint", "validate", "random", "checkpoint", "startup")
 
 
+def tmp_dirs(run) -> dict[str, int]:
+    """Interrupted checkpoint writes present now: name -> mtime (a new save re-creates its tmp dir)."""
+    return {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").glob("*.tmp")}
+
+
 @pytest.mark.reliability_full
 def test_random_external_sigkills(runs, reference, helpers, tmp_path):
     """>= 10 SIGKILLs from outside at random moments (seeded), some aimed at checkpoint writes / validation.
@@ -102,7 +107,7 @@ def test_random_external_sigkills(runs, reference, helpers, tmp_path):
     `slow@0-99` adds 0.5 s per step (no effect on the numbers) so that random times spread over the run.
     A run that finishes before the next kill is compared with the reference and a new one is started."""
     rng = np.random.default_rng(2024)
-    kills: list[tuple[str, str, int]] = []  # (mode, phase at the kill, step)
+    kills: list[tuple[str, str, int, bool]] = []  # (mode, phase at the kill, step, partial write left)
     finished_runs = 0
     attempt = 0
     while len(kills) < 10 or finished_runs == 0:
@@ -111,6 +116,7 @@ def test_random_external_sigkills(runs, reference, helpers, tmp_path):
         resumed = (run / "checkpoints").exists()
         pick = helpers.auto_pick(run) if resumed else None
         n_start = sum(e["event"] == "start" for e in helpers.events(run))
+        tmp_before = tmp_dirs(run)
         mode = MODES[attempt % len(MODES)] if len(kills) < 10 else "none"
         attempt += 1
         assert attempt < 40, f"no progress: {kills}"
@@ -124,12 +130,18 @@ def test_random_external_sigkills(runs, reference, helpers, tmp_path):
             if mode == "random":
                 time.sleep(float(rng.uniform(0.0, 3.0)))
             else:
-                helpers.wait_for(lambda run=run, mode=mode: helpers.heartbeat(run).get("phase") == mode, proc, 60)
-                time.sleep(float(rng.uniform(0.0, 0.05 if mode == "checkpoint" else 0.3)))
+                def entered(run=run, mode=mode, t0=time.time()) -> bool:  # a fresh heartbeat: the phase just began
+                    hb = helpers.heartbeat(run)
+                    return hb.get("phase") == mode and hb.get("time", 0) > t0
+
+                helpers.wait_for(entered, proc, 60)
+                time.sleep(float(rng.uniform(0.0, 0.02)))  # still inside that phase (it lasts >= 0.05 s)
         if proc.poll() is None and mode != "none":
             hb = helpers.heartbeat(run)
             helpers.kill(proc)
-            kills.append((mode, hb.get("phase", "startup") if mode != "startup" else "startup", hb.get("step", 0)))
+            partial = bool(set(tmp_dirs(run).items()) - set(tmp_before.items()))  # this launch's write cut short
+            kills.append((mode, hb.get("phase", "startup") if mode != "startup" else "startup", hb.get("step", 0),
+                          partial))
             check_after_kill(helpers, run, proc.returncode)
         else:
             assert proc.wait(timeout=300) == 0, (tmp_path / f"log{attempt}.txt").read_text()[-3000:]
@@ -138,6 +150,7 @@ def test_random_external_sigkills(runs, reference, helpers, tmp_path):
         log = (tmp_path / f"log{attempt}.txt").read_text()
         if resumed and (pick is not None) and "resumed from" in log:
             assert f"resumed from {pick} " in log
-    print("kills (mode, phase, step):", kills)
+    print("kills (mode, last heartbeat phase, step, partial checkpoint write left):", kills)
     assert len(kills) >= 10
-    assert {p for _, p, _ in kills} >= {"checkpoint", "validate"}
+    assert {p for _, p, _, _ in kills} >= {"checkpoint", "validate"}
+    assert any(partial for *_, partial in kills)  # at least one kill landed inside a checkpoint write

@@ -8,11 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,8 +95,12 @@ def loader(reference):
     optimizer = build_optimizer(model, cfg.training.optimizer)
     scheduler = build_scheduler(optimizer, cfg.training.scheduler, 12, cfg.training.optimizer.lr)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     yield acc, ema
     acc.free_memory()
+    random.setstate(rng[0])  # load_state restored the checkpoint's RNG into this test process
+    np.random.set_state(rng[1])
+    torch.set_rng_state(rng[2])
 
 
 # which file gets the payload, and how it is wrapped

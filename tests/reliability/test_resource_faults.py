@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,24 @@ def test_real_full_disk(runs, reference, helpers, tmp_path):
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
         shutil.rmtree(disk, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.reliability_full
+def test_disk_full_on_two_processes_every_rank_takes_the_same_path(runs, helpers, tmp_path):
+    """The failed write happens on the main process only; all ranks must learn of it in the same
+    collectives (else the next collective pairs wrongly and the run hangs: the timeout catches that)."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(helpers.ROOT / "accelerate_configs/cpu_ddp.yaml"), "--num_processes", "2",
+           str(helpers.ROOT / "train_full.py"), *runs.args(epochs=2), "--output_dir", str(run),
+           "training.gradient_accumulation_steps=1", "distributed.timeout_s=60",
+           "health.inject_faults=enospc_in_save@2-4"]
+    r = subprocess.run(cmd, cwd=helpers.ROOT, env={**helpers.ENV, "ACCELERATE_USE_CPU": "true"},
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert {e["step"] for e in checkpoint_events(run, helpers)} == {2, 3, 4}
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith((".tmp", ".old"))]
+    end = helpers.events(run)[-1]
+    assert end["status"] == "finished" and end["rank_param_checksums_equal"] is True
+    assert helpers.assert_every_valid_checkpoint_loads(run) >= 2
