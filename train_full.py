@@ -340,7 +340,8 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
         log.error(policy.final_report().replace("{resume_command}", runlog.resume_command))
     same = ranks_agree(acc, acc.unwrap_model(model), ema.module)  # collective: every rank calls it
     runlog.log("end", state.global_step, state.epoch, {"status": status, "reason": status,
-                                                       "rank_param_checksums_equal": same})
+                                                       "rank_param_checksums_equal": same,
+                                                       "lost_log_records": runlog.dropped_writes})
     runlog.heartbeat(state.global_step, state.epoch, "done", status)
     runlog.finish()
     if progress is not None:
@@ -348,7 +349,7 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
     last = state.loss_history[-1][1] if state.loss_history else None
     log.info("run %s: %s at step %d. Resume/continue: %s", run_dir, status, state.global_step, runlog.resume_command)
     return {"status": status, "run_dir": run_dir, "step": state.global_step, "first_loss": first_loss,
-            "last_loss": last, "ema": ema, "model": acc.unwrap_model(model), "state": state, "accelerator": acc}
+            "last_loss": last, "ema": ema, "diffusion": diffusion, "train_loader": train_dl, "cfg": cfg, "model": acc.unwrap_model(model), "state": state, "accelerator": acc}
 
 
 _MEMORY: dict = {}

@@ -87,6 +87,7 @@ class RunLog:
         self.resume_command = resume_command
         self.wandb_run = None
         self.trackers_ok = False
+        self.dropped_writes = 0  # records lost to a failing disk (ENOSPC, EIO, ...): counted, never fatal
 
     def init_trackers(self, cfg, run_name: str, wandb_run_id: Optional[str]) -> Optional[str]:
         """Start TensorBoard/W&B through Accelerate; returns the W&B run id to checkpoint."""
@@ -113,8 +114,19 @@ class RunLog:
         return wandb_run_id
 
     def _append(self, name: str, record: dict) -> None:
-        with open(self.dir / name, "a", encoding="utf-8") as f:
-            f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        try:
+            with open(self.dir / name, "a", encoding="utf-8") as f:
+                f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        except OSError as e:
+            self._dropped(name, e)
+
+    def _dropped(self, name: str, error: OSError) -> None:
+        """A lost metrics/heartbeat record must not kill a run whose checkpoints may still fit: warn on
+        the first loss and every 100th after, with the count (monitor_training.py tolerates the gap)."""
+        self.dropped_writes += 1
+        if self.dropped_writes == 1 or self.dropped_writes % 100 == 0:
+            log.warning("could not write %s (%s: %s); %d record(s) lost so far, training continues. "
+                        "Free space in %s", name, type(error).__name__, error, self.dropped_writes, self.dir)
 
     def log(self, event: str, step: int, epoch: int, scalars: dict[str, Any]) -> None:
         """One record to metrics.jsonl and (train/val) to the trackers."""
@@ -161,6 +173,12 @@ class RunLog:
     def heartbeat(self, step: int, epoch: int, phase: str, status: str = "running") -> None:
         if not self.main:
             return
+        try:
+            self._write_heartbeat(step, epoch, phase, status)
+        except OSError as e:
+            self._dropped("heartbeat.json", e)
+
+    def _write_heartbeat(self, step: int, epoch: int, phase: str, status: str) -> None:
         write_json_atomic(
             self.dir / "heartbeat.json",
             {
