@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,10 @@ STATE_STYLE = {"alive": "bold green", "finished": "bold cyan", "early_stopped": 
                "gave_up": "bold red", "crashed": "bold red", "stalled": "bold yellow"}
 HEALTH_STYLE = {"healthy": "green", "warning": "yellow", "critical": "bold red"}
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", "")  # no suffix -> PNG
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _g(x: Any, fmt: str = ".4g") -> str:
@@ -74,9 +79,12 @@ def _section_rows(s: dict) -> list[tuple[str, Text | str]]:
                                        ("time/data_share", "data-wait share", ".0%")]) or "—"))
     rows.append(("Memory", _kv(t, [("mem/device_gb", "device GB", ".3g"), ("mem/host_gb", "host GB", ".3g")]) or "—"))
     h = s["health"]
+    last = h["latest"][-1] if h["latest"] else None
+    since = f" (last: {last['check']} at step {_g(last['step'])})" if last else ""
     rows.append(("Health", Text.assemble((h["status"].upper(), HEALTH_STYLE.get(h["status"], "")),
-                                         f"  {h['warnings']} warnings, {h['critical']} critical; skipped steps "
-                                         f"{h['skipped_steps']}, rollbacks {h['rollbacks']}, OOM retries {h['oom_retries']}")))
+                                         f" at the latest step; since start {_n(h['warnings'], 'warning')}, "
+                                         f"{h['critical']} critical{since}; skipped steps {h['skipped_steps']}, "
+                                         f"rollbacks {h['rollbacks']}, OOM retries {h['oom_retries']}")))
     for name, d in ((s["data"] or {}).get("splits") or {}).items():
         kinds = ", ".join(f"{k} {n}" for k, n in (d.get("by_kind") or {}).items())
         skipped = ", ".join(f"{r} {n}" for r, n in (d.get("skipped") or {}).items())
@@ -212,7 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    # a terminal (or $COLUMNS) sets the width; piped output gets 160 columns instead of rich's 80
+    console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
     try:
         if args.mode == "monitor":
             return monitor(args, console)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Smoke test: the tiny model on the shipped example chains, on CPU, in about a minute.
+"""Smoke test: the tiny model on the shipped example chains, on CPU, in about 15 seconds.
 
     python simple_train.py [--output_dir D] [key=value ...]
 

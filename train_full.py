@@ -416,13 +416,14 @@ def flush_interval(runlog, state, stats, interval, monitor, policy, acc, progres
     scalars = {
         "loss/total": loss, **terms, "lr": interval[-1][1],
         "grad_norm": sum(r.grad_norm for r, *_ in interval) / n,
+        "grad_norm_max": max((r.grad_norm for r, *_ in interval if math.isfinite(r.grad_norm)), default=math.nan),
         "time/step_s": sum(x[3] for x in interval) / n,
         "time/data_share": sum(x[4] for x in interval) / max(sum(x[3] for x in interval), 1e-9),
         "mem/device_gb": mem.get("device_gb"), "mem/host_gb": mem.get("host_gb"),
         "health/status": max(x[2].status_code for x in interval), "health/loss_zscore": monitor.loss_zscore,
         "health/grad_norm_preclip": interval[-1][0].grad_norm,
         "health/skipped_steps": policy.skipped_steps, "health/rollbacks": policy.rollbacks,
-        "health/oom_retries": policy.oom_retries, **stats.flush(),
+        "health/oom_retries": policy.oom_retries, **stats.flush(train_s=sum(x[3] for x in interval)),
     }
     state.loss_history.append([state.global_step, loss])
     runlog.log("train", state.global_step, state.epoch, scalars)

@@ -7,7 +7,10 @@ those faults happen on purpose in tests. An empty injection spec costs nothing.
 
 Injection spec: comma-separated items `kind@step` or `kind@start-end` (inclusive), optionally `:rankN`,
 e.g. "nan_loss@5,nan_loss@10-12,oom@7:rank1,grad_explode@20,stagnate@30-90,slow@40,kill@55".
-Steps are optimizer steps: the global_step whose micro-batches are being processed.
+Steps count COMPLETED optimizer steps. A step fault `kind@k` (nan_loss ... kill) hits the step that
+starts after k completed steps, which metrics.jsonl and health.jsonl record as step k+1; the save and
+validation faults (kill_in_save, kill_in_val, enospc_in_save) hit the checkpoint / validation taken
+at global_step k, recorded as step k.
 Intended effects (the training loop applies them):
   nan_loss      replace the loss by NaN before backward
   nan_grad      fill the gradients with NaN before clipping

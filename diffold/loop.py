@@ -220,9 +220,11 @@ class LossStats:
         ).tolist()
         return values[0], dict(zip(names, values[1:-1])), values[-1]
 
-    def flush(self) -> dict[str, float]:
-        """Interval scalars: per-noise-bin losses and throughput; resets the interval."""
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+    def flush(self, train_s: float | None = None) -> dict[str, float]:
+        """Interval scalars: per-noise-bin losses and throughput; resets the interval. `train_s`: the
+        time spent in training steps (data wait included); without it, wall time since the last flush,
+        which would also count validation and checkpoint writes."""
+        elapsed = max(time.perf_counter() - self.t0 if train_s is None else train_s, 1e-9)
         sums, counts = self.bin_sum.tolist(), self.bin_count.tolist()
         out = {
             f"loss_bin/{lo:.3g}-{hi:.3g}": s / c for (lo, hi), s, c in zip(self.bins, sums, counts) if c > 0

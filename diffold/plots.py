@@ -75,6 +75,8 @@ def _twin(ax: Axes, left: list[tuple[str, str]], right: list[tuple[str, str]], r
 
 def _loss(ax: Axes, train: list[dict], val: list[dict]) -> bool:
     keys = sorted({k for r in train for k in r if k.startswith("loss/")}, key=lambda k: (k != "loss/total", k))
+    # a component that is 0 throughout (structure loss off, no MoE) only squashes the axis
+    keys = [k for k in keys if k == "loss/total" or any(r.get(k) not in (None, 0, 0.0) for r in train)]
     drew = any([_draw(ax, *series(train, k), k.removeprefix("loss/")) for k in keys])
     drew = _draw(ax, *series(val, "val/loss"), "val loss", "black") or drew
     _auto_log(ax)
@@ -108,7 +110,7 @@ def _panels(run: RunData) -> list[tuple[str, Callable[[Axes, list[dict], list[di
     return [
         ("Loss (train components, val)", _loss),
         ("Learning rate", _single([("lr", "lr")])),
-        ("Grad norm (pre-clip)", _single([("grad_norm", "grad norm")], log=True)),
+        ("Grad norm (pre-clip)", _single([("grad_norm", "mean"), ("grad_norm_max", "max")], log=True)),
         (f"Validation metrics ({atoms})", lambda ax, t, v: _twin(
             ax, [("val/rmsd", "RMSD (Å)")], [("val/tm", "TM"), ("val/gdt_ts", "GDT-TS"), ("val/lddt", "lDDT")],
             v, "score")),

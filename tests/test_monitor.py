@@ -76,7 +76,7 @@ def test_table_output_shows_sections(tmp_path: Path, capsys: pytest.CaptureFixtu
     run = fx.health_run(tmp_path)
     assert monitor_training.main(["--output_dir", str(run.path)]) == 0
     out = capsys.readouterr().out
-    for text in ("ALIVE", "step 130/1000", "ETA", "CRITICAL", "2 warnings, 2 critical", "rollbacks 1",
+    for text in ("ALIVE", "step 130/1000", "ETA", "CRITICAL", "2 warnings, 2 critical (last: nonfinite_loss at step 128)", "rollbacks 1",
                  "checkpoints/best @ step 100", "latest -> step_000000100", "nonfinite_loss", "--resume auto",
                  "too_short 1"):
         assert text in out, text
@@ -291,3 +291,14 @@ def test_plot_one_point_and_many_points(tmp_path: Path) -> None:
 def test_plot_rejects_unknown_format(tmp_path: Path) -> None:
     r = cli("--output_dir", str(fx.running_run(tmp_path).path), "--mode", "plot", "--save_plot", "x.gif")
     assert r.returncode == 2 and "--save_plot must end in one of" in r.stderr
+
+
+def test_plot_hides_loss_components_that_are_zero_throughout(tmp_path: Path) -> None:
+    from diffold import plots
+
+    b = fx.RunBuilder(tmp_path).config()
+    for step in (10, 20, 30):
+        b.train(step, time.time(), **{"loss/moe_aux": 0.0, "loss/structure": 0.0 if step < 30 else 0.1})
+    fig, _ = plots.make_figure(load_run(b.path))
+    labels = set(fig.axes[0].get_legend_handles_labels()[1])
+    assert {"total", "diffusion", "structure"} <= labels and "moe_aux" not in labels

@@ -64,3 +64,25 @@ def test_errors_other_than_oserror_still_raise(tmp_path):
     rl = runlog(tmp_path)
     with pytest.raises(TypeError):
         rl.log("train", 1, 0, {"train/loss": object()})
+
+
+def test_throughput_counts_training_time_not_validation():
+    """samples_per_s divides by the time spent in steps: a slow validation in the interval must not
+    make the run look slower than it is."""
+    import time
+
+    import torch
+
+    from diffold.diffusion import LossOutput
+    from diffold.loop import LossStats
+
+    stats = LossStats([(0.0, 1.0), (1.0, float("inf"))], torch.device("cpu"))
+    stats.begin_step()
+    stats.add(LossOutput(torch.ones(8), {}, torch.tensor([0.5] * 4 + [2.0] * 4)), torch.tensor(1.0))
+    time.sleep(0.2)  # "validation" inside the interval
+    out = stats.flush(train_s=0.5)
+    assert out["samples_per_s"] == pytest.approx(16.0)
+    assert out["loss_bin/0-1"] == pytest.approx(1.0) and out["loss_bin/1-inf"] == pytest.approx(1.0)
+    stats.add(LossOutput(torch.ones(4), {}, torch.full((4,), 0.5)), torch.tensor(1.0))
+    time.sleep(0.05)
+    assert stats.flush()["samples_per_s"] <= 4 / 0.05  # no train_s: wall time since the last flush
