@@ -7,7 +7,6 @@ recorded sha256. Layout: checkpoints/step_000000120/, epoch_3/, best/ (+ best/ex
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from diffold.faults import sync_flag
+from diffold.hashing import file_sha256
 from diffold.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -54,14 +54,6 @@ def write_failure(target: Path, err: BaseException | None) -> CheckpointWriteErr
         return CheckpointWriteError(f"could not write {target}: disk full ({detail}); free space on {target.parent} "
                                     "or lower checkpoint.keep_last_n")
     return CheckpointWriteError(f"could not write {target} ({type(err).__name__}: {detail})")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -99,7 +91,7 @@ def verify(path: Path) -> tuple[bool, str]:
         f = path / rel
         if not f.is_file():
             return False, f"missing file {rel}"
-        if sha256(f) != digest:
+        if file_sha256(f) != digest:
             return False, f"checksum mismatch in {rel} (corrupted)"
     return True, "ok"
 
@@ -143,7 +135,7 @@ class CheckpointManager:
                 save_file(ema.state_dict(), str(tmp / EMA_FILE))
                 write_json_atomic(tmp / STATE, state.to_dict())
                 self.before_commit()
-                files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+                files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
                 meta = {**meta, "name": name, "timestamp": time.time(), "files": files}
                 write_json_atomic(tmp / META, meta)  # written last: its presence makes the checkpoint valid
                 old = self.dir / f"{name}.old"

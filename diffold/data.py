@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from diffold import structure
 from diffold.batch import Batch
+from diffold.hashing import file_sha256
 from diffold.plm import precompute_features
 from diffold.predicted import StructurePredictor
 from diffold.sampler import BucketBatchSampler
@@ -38,7 +39,6 @@ from diffold.sources import (
     collect,
     featurize_file,
     group_by_file,
-    sha256_file,
 )
 from diffold.tasks import Task, get_task
 
@@ -66,7 +66,7 @@ def _fingerprint(items: list[dict], task: Task, atoms: tuple, min_length: int) -
            "parser": hashlib.sha256(parser_src).hexdigest()}
     h.update(json.dumps(cfg, sort_keys=True).encode())
     for it in items:
-        h.update(json.dumps([it["display"], sha256_file(it["path"]),
+        h.update(json.dumps([it["display"], file_sha256(it["path"]),
                              [{k: v for k, v in e.items() if k != "path"} for e in it["entries"]]]).encode())
     return h.hexdigest()
 

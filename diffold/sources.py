@@ -208,14 +208,6 @@ def group_by_file(entries: list[Entry]) -> list[dict]:
     return [{"path": p, "display": es[0].display, "entries": [asdict(e) for e in es]} for p, es in groups.items()]
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------- split
 def kmer_size(alphabet_size: int) -> int:
     """Smallest k with alphabet^k >= 2^18 (RNA 9, protein 5): chance k-mer matches stay rare."""

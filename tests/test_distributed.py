@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -20,14 +19,11 @@ import numpy as np
 import pytest
 import torch
 from accelerate.utils import DistributedType
-from test_train import assert_bit_identical  # same comparison as the 1-process resume tests
+from synthetic import ENV as BASE_ENV
+from synthetic import ROOT, assert_bit_identical
 
-ROOT = Path(__file__).resolve().parents[1]
-# fixed BLAS threading for bit-exact CPU arithmetic (see tests/test_train.py); ACCELERATE_USE_CPU
-# makes the 2 launched processes one gloo process group instead of 2 independent trainings
-ENV = {**os.environ, "WANDB_MODE": "offline", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-       "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE",
-       "ACCELERATE_USE_CPU": "true"}
+# ACCELERATE_USE_CPU makes the 2 launched processes one gloo process group instead of 2 independent trainings
+ENV = {**BASE_ENV, "ACCELERATE_USE_CPU": "true"}
 TIMEOUT = 300  # a cross-rank disagreement shows up as a hang: the subprocess timeout turns it into a failure
 
 

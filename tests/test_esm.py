@@ -6,7 +6,6 @@ save_pretrained to a temp dir), so the real local loading and inference code run
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,14 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from synthetic import ENV, ROOT
 
 from diffold.config import ConfigError, load_config
 from diffold.data import build_datasets, collate
 from diffold.structure import chain_from_coords, parse_structure, write_structure
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "WANDB_MODE": "offline", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-       "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE"}
 AA = "ACDEFGHIKLMNPQRSTVWY"
 PLM_HIDDEN = 24
 HIGH_PLDDT_BIN = 45  # the tiny ESMFold's pLDDT head is biased to this of 50 bins: pLDDT ~ 91 (0-100)

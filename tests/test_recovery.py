@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from synthetic import ENV, ROOT, write_helices
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "WANDB_MODE": "offline", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-       "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE"}
 pytestmark = pytest.mark.slow
 STEPS = 12          # 12 train chains, batch 2 -> 6 steps per epoch, 2 epochs
 CONFIG_KEY = re.compile(r"\b(?:training|health|data|model|checkpoint|validation|diffusion)(?:\.[a-z_]+)+")
@@ -157,17 +153,7 @@ def assert_keys_exist(text: str) -> None:
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> tuple[Path, Path]:
     """14 small noisy helical RNA chains (12 train / 2 val after the cluster split) + a shared cache dir."""
-    from diffold.structure import chain_from_coords, write_structure
-
-    d = tmp_path_factory.mktemp("synth")
-    rng = np.random.default_rng(0)
-    for i in range(14):
-        n = int(rng.integers(14, 40))
-        t = np.linspace(0, 3 * np.pi, n)
-        xyz = np.stack([9 * np.cos(t), 9 * np.sin(t), 2.8 * t], -1)[:, None] + rng.normal(0, 0.3, (n, 1, 3))
-        seq = "".join(rng.choice(list("ACGU"), n))
-        write_structure(d / f"h{i}.pdb", [chain_from_coords(f"h{i}", "rna", seq, xyz.astype(np.float32), ("C4'",))])
-    return d, tmp_path_factory.mktemp("cache")
+    return write_helices(tmp_path_factory.mktemp("synth")), tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="module")

@@ -1,38 +1,20 @@
 """Launch the real scripts on tiny configs: end to end, exact resume after SIGKILL, kill during a save."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file
+from synthetic import ENV, ROOT, assert_bit_identical, write_helices
 
-ROOT = Path(__file__).resolve().parents[1]
-# Fixed BLAS threading: MKL's dynamic threading changes reduction order under load, and bit-identical
-# CPU resume needs the same arithmetic in both runs (README, "Exact resume").
-ENV = {**os.environ, "WANDB_MODE": "offline", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-       "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE"}
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def synth_data(tmp_path_factory) -> Path:
     """14 small helical RNA chains (fast to train on; exact-resume tests need speed, not realism)."""
-    from diffold.structure import chain_from_coords, write_structure
-
-    d = tmp_path_factory.mktemp("synth")
-    rng = np.random.default_rng(0)
-    for i in range(14):
-        L = int(rng.integers(14, 40))
-        t = np.linspace(0, 3 * np.pi, L)
-        xyz = np.stack([9 * np.cos(t), 9 * np.sin(t), 2.8 * t], -1)[:, None] + rng.normal(0, 0.3, (L, 1, 3))
-        seq = "".join(rng.choice(list("ACGU"), L))
-        write_structure(d / f"h{i}.pdb", [chain_from_coords(f"h{i}", "rna", seq, xyz.astype(np.float32), ("C4'",))])
-    return d
+    return write_helices(tmp_path_factory.mktemp("synth"))
 
 
 def tiny_args(data: Path, cache: Path, *extra: str) -> list[str]:
@@ -45,22 +27,6 @@ def tiny_args(data: Path, cache: Path, *extra: str) -> list[str]:
 def run_train(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "train_full.py"), *args], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def final_state(run: Path) -> dict[str, dict]:
-    ckpt = (run / "checkpoints" / "latest").resolve()
-    opt = torch.load(ckpt / "optimizer.bin", weights_only=True)
-    return {"model": load_file(str(ckpt / "model.safetensors")), "ema": load_file(str(ckpt / "ema.safetensors")),
-            "opt": {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()}, "name": ckpt.name}
-
-
-def assert_bit_identical(a: Path, b: Path) -> None:
-    sa, sb = final_state(a), final_state(b)
-    assert sa["name"] == sb["name"]
-    for part in ("model", "ema", "opt"):
-        assert sa[part].keys() == sb[part].keys()
-        diff = [k for k in sa[part] if not torch.equal(sa[part][k], sb[part][k])]
-        assert not diff, f"{part} differs after resume: {diff[:5]}"
 
 
 @pytest.fixture(scope="module")

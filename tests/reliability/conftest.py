@@ -15,16 +15,12 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
+from synthetic import ENV, ROOT, assert_bit_identical, final_state, write_helices
 
-ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 # Fixed BLAS threading: bit-identical CPU resume needs the same arithmetic in every run (README, "Exact resume").
-ENV = {**os.environ, "WANDB_MODE": "offline", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-       "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE"}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -37,21 +33,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 # --------------------------------------------------------------------------- data and arguments
-def write_helices(d: Path, n: int = 14, seed: int = 0) -> Path:
-    """n small helical RNA chains (fast to train on; exact-resume tests need speed, not realism)."""
-    from diffold.structure import chain_from_coords, write_structure
-
-    d.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        L = int(rng.integers(14, 40))
-        t = np.linspace(0, 3 * np.pi, L)
-        xyz = np.stack([9 * np.cos(t), 9 * np.sin(t), 2.8 * t], -1)[:, None] + rng.normal(0, 0.3, (L, 1, 3))
-        seq = "".join(rng.choice(list("ACGU"), L))
-        write_structure(d / f"h{i}.pdb", [chain_from_coords(f"h{i}", "rna", seq, xyz.astype(np.float32), ("C4'",))])
-    return d
-
-
 class Runs:
     """Launches train_full.py on the tiny helix data set; one instance per session (shared cache)."""
 
@@ -92,23 +73,6 @@ def reference(runs, tmp_path_factory) -> Path:
 
 
 # --------------------------------------------------------------------------- checkpoint inspection
-def final_state(run: Path) -> dict:
-    ckpt = (run / "checkpoints" / "latest").resolve()
-    opt = torch.load(ckpt / "optimizer.bin", weights_only=True)
-    return {"model": load_file(str(ckpt / "model.safetensors")), "ema": load_file(str(ckpt / "ema.safetensors")),
-            "opt": {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()}, "name": ckpt.name}
-
-
-def assert_bit_identical(a: Path, b: Path) -> None:
-    """Model, EMA and optimizer state of the newest step checkpoint are equal bit for bit."""
-    sa, sb = final_state(a), final_state(b)
-    assert sa["name"] == sb["name"]
-    for part in ("model", "ema", "opt"):
-        assert sa[part].keys() == sb[part].keys()
-        diff = [k for k in sa[part] if not torch.equal(sa[part][k], sb[part][k])]
-        assert not diff, f"{part} differs from the uninterrupted run: {diff[:5]}"
-
-
 def manager(run: Path):
     """A CheckpointManager for inspection only (no accelerator needed to resolve/verify)."""
     from diffold.checkpoint import CheckpointManager
