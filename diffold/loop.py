@@ -123,9 +123,9 @@ class Stepper:
             loss = loss * float("nan")
         if faults.active("loss_spike", global_step, rank):
             loss = loss * 1e3
-        return out, loss
+        return out, loss, batch.weights
 
-    def _backward(self, out, loss: torch.Tensor, global_step: int) -> None:
+    def _backward(self, out, loss: torch.Tensor, weights: torch.Tensor, global_step: int) -> None:
         try:
             self.acc.backward(loss)
         except torch.OutOfMemoryError as e:
@@ -134,7 +134,7 @@ class Stepper:
                                    "lower training.batch_size or data.max_length, or enable "
                                    "model.activation_checkpointing") from e
             raise
-        self.stats.add(out, loss.detach())
+        self.stats.add(out, loss.detach(), weights)
         self.faults.kill_now(global_step, self.rank)  # test hook: dies between micro-batches, like a crash
 
     def _inject_grad_faults(self, global_step: int) -> None:
@@ -199,11 +199,13 @@ class LossStats:
         self.step_loss = torch.zeros((), device=self.device)
         self.micro = 0
 
-    def add(self, out, loss: torch.Tensor) -> None:
+    def add(self, out, loss: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """`weights`: the batch's chain weights, so components reduce like the total (they sum to it)."""
         self.micro += 1
         self.step_loss += loss
         for name, value in out.terms.items():
-            self.step_terms[name] = self.step_terms.get(name, 0) + value.detach().mean()
+            term = value.detach().mean() if weights is None else weighted_mean(value.detach(), weights)
+            self.step_terms[name] = self.step_terms.get(name, 0) + term
         which = torch.bucketize(out.sigma.detach().float(), self.edges)
         self.bin_sum.index_add_(0, which, out.total.detach().float())
         self.bin_count.index_add_(0, which, torch.ones_like(which, dtype=torch.float))

@@ -86,3 +86,22 @@ def test_throughput_counts_training_time_not_validation():
     stats.add(LossOutput(torch.ones(4), {}, torch.full((4,), 0.5)), torch.tensor(1.0))
     time.sleep(0.05)
     assert stats.flush()["samples_per_s"] <= 4 / 0.05  # no train_s: wall time since the last flush
+
+
+def test_logged_components_sum_to_the_weighted_total():
+    """With chain weights (manifest `weight`), components must reduce like the total does, otherwise
+    `loss/diffusion` > `loss/total` with no other term, as users saw in the status table."""
+    import torch
+
+    from diffold.diffusion import LossOutput, weighted_mean
+    from diffold.loop import LossStats
+
+    diffusion, structure = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.5, 0.0, 1.0])
+    weights = torch.tensor([1.0, 0.25, 0.25])
+    out = LossOutput(diffusion + structure, {"diffusion": diffusion, "structure": structure}, torch.ones(3))
+    stats = LossStats([(0.0, float("inf"))], torch.device("cpu"))
+    stats.begin_step()
+    stats.add(out, weighted_mean(out.total, weights), weights)
+    loss, terms, _ = stats.end_step(torch.tensor(1.0))
+    assert terms["diffusion"] + terms["structure"] == pytest.approx(loss)
+    assert terms["diffusion"] == pytest.approx((1.0 + 0.5 + 1.0) / 1.5)
