@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from diffold import structure
 from diffold.batch import Batch
 from diffold.hashing import file_sha256
+from diffold.paths import safe_filename
 from diffold.plm import precompute_features
 from diffold.predicted import StructurePredictor
 from diffold.sampler import BucketBatchSampler
@@ -162,11 +163,11 @@ class StructureDataset(torch.utils.data.Dataset):
 
 def load_features(feature_dir: Path, chain_id: str) -> torch.Tensor:
     """[L, F] float features of one chain from <feature_dir>/<id>.pt (tensors only: weights_only)."""
-    return torch.load(feature_dir / f"{chain_id}.pt", map_location="cpu", weights_only=True).float()
+    return torch.load(feature_dir / safe_filename(chain_id, ".pt"), map_location="cpu", weights_only=True).float()
 
 
 def _feature_problem(feature_dir: Path, chain_id: str, length: int) -> str:
-    path = feature_dir / f"{chain_id}.pt"
+    path = feature_dir / safe_filename(chain_id, ".pt")
     if not path.is_file():
         return f"no feature file: {path}"
     try:

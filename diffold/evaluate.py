@@ -13,6 +13,7 @@ import torch
 
 from diffold.data import collate
 from diffold.metrics import all_metrics
+from diffold.paths import safe_filename
 from diffold.structure import chain_from_coords, write_structure
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def write_samples(results: list[dict], out_dir: Path, task, atoms) -> list[Path]
     paths = []
     for r in results:
         chain = chain_from_coords(r["id"], task.kind, r["sequence"], r["coords"], atoms)
-        path = out_dir / f"{r['id']}.pdb"
+        path = out_dir / safe_filename(r["id"], ".pdb")
         write_structure(path, [chain])
         paths.append(path)
     return paths

@@ -29,6 +29,7 @@ from diffold.esm import (
     read_marker,
     write_atomic,
 )
+from diffold.paths import safe_filename
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def sequence_hash(sequence: str) -> str:
 
 def is_cached(feature_dir: Path, chain_id: str, sequence: str) -> bool:
     """Features exist and were computed from this very sequence (a reused id with a new sequence is redone)."""
-    sha, pt = feature_dir / f"{chain_id}.sha", feature_dir / f"{chain_id}.pt"
+    sha, pt = feature_dir / safe_filename(chain_id, ".sha"), feature_dir / safe_filename(chain_id, ".pt")
     return pt.is_file() and sha.is_file() and sha.read_text(encoding="utf-8").strip() == sequence_hash(sequence)
 
 
@@ -75,10 +76,9 @@ def precompute_features(cfg, chains: list[tuple[str, str]], tokens_per_batch: in
     if rank == 0 and read_marker(fdir) is None:
         write_atomic(fdir / PLM_MARKER, json.dumps(ident).encode())
     logger.info("PLM features: %d chains, %d to compute (%d here), cache %s", len(unique), len(todo), len(mine), fdir)
-    mine = [(cid, s) for cid, s in mine if _safe_name(cid)]
     for cid, _ in mine:  # stale files of a changed sequence must not survive a failed recomputation
-        (fdir / f"{cid}.sha").unlink(missing_ok=True)
-        (fdir / f"{cid}.pt").unlink(missing_ok=True)
+        (fdir / safe_filename(cid, ".sha")).unlink(missing_ok=True)
+        (fdir / safe_filename(cid, ".pt")).unlink(missing_ok=True)
     if mine:
         embedder = Embedder(se.plm_path, ident["layer"])
         for batch in _batches(mine, tokens_per_batch):
@@ -88,13 +88,6 @@ def precompute_features(cfg, chains: list[tuple[str, str]], tokens_per_batch: in
         barrier()  # every rank sees every shard's files (chains are the same on all ranks)
     stats.failed = sum(not is_cached(fdir, cid, s) for cid, s in todo)
     return stats
-
-
-def _safe_name(chain_id: str) -> bool:
-    if Path(chain_id).name == chain_id and chain_id not in ("", ".", ".."):
-        return True
-    logger.warning("PLM features: chain id %r is not a file name; skipped (no feature file)", chain_id)
-    return False
 
 
 def _batches(items: list[tuple[str, str]], tokens: int) -> list[list[tuple[str, str]]]:
@@ -174,8 +167,8 @@ class Embedder:
                 half = x.half()  # half the disk; ESM-2 activations fit fp16 (checked, else kept fp32)
                 buf = io.BytesIO()
                 torch.save((half if torch.isfinite(half).all() else x).contiguous().clone(), buf)
-                write_atomic(feature_dir / f"{cid}.pt", buf.getvalue())
-                write_atomic(feature_dir / f"{cid}.sha", sequence_hash(seq).encode())  # last: entry complete
+                write_atomic(feature_dir / safe_filename(cid, ".pt"), buf.getvalue())
+                write_atomic(feature_dir / safe_filename(cid, ".sha"), sequence_hash(seq).encode())  # last: entry complete
 
     def close(self) -> None:
         """Free the model before training starts."""

@@ -23,6 +23,7 @@ import torch
 from diffold.batch import Batch
 from diffold.checkpoint import CheckpointError, load_weights_safely, verify
 from diffold.config import config_from_dict
+from diffold.paths import safe_filename
 
 log = logging.getLogger(__name__)
 STRUCTURE_SUFFIXES = (".pdb", ".cif", ".ent", ".gz")
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
         for k in range(args.num_samples):
             pred = coords[k].numpy().astype(np.float32)
             name = f"{chain_id}_sample{k}"
-            write_structure(args.out / f"{name}.pdb", [chain_from_coords(name, task.kind, sequence, pred, atoms)])
+            write_structure(args.out / safe_filename(name, ".pdb"), [chain_from_coords(name, task.kind, sequence, pred, atoms)])
             if ref is not None:
                 report[name] = all_metrics(pred[:, rep], ref.coords[:, rep], molecule=task.tm_molecule, mask=ref.mask[:, rep])
                 log.info("%s: %s", name, ", ".join(f"{m}={v:.3f}" for m, v in report[name].items()))
