@@ -4,54 +4,61 @@
     accelerate launch --config_file accelerate_configs/cpu.yaml train_full.py --config configs/smoke.yaml
     python train_full.py --config c.yaml [--preset P] [--task rna|protein] [--output_dir D]
                          [--resume auto|latest|best|PATH] [key=value ...]
+
+Exit codes: 0 finished healthy; 2 bad input/config/checkpoint (nothing trained); 3 gave up after
+health.max_rollbacks, or the final checkpoint could not be written; 4 finished with unhealthy final
+weights; 75 stopped by SIGTERM/SIGUSR1/SIGINT after writing a checkpoint (resume with --resume auto).
 """
 from __future__ import annotations
 
-import argparse
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch is still importing: a quiet exit, not a traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+
+import argparse  # noqa: E402 (after the handler above: importing torch takes seconds)
 import errno
 import logging
 import math
-import os
-import sys
 import time
-from datetime import timedelta
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs, PartialState
-from accelerate.utils import (
-    DistributedType,
-    ProjectConfiguration,
-    broadcast_object_list,
-    parse_flag_from_env,
-    set_seed,
-)
+from accelerate.utils import DistributedType, set_seed
 
 import diffold
-from diffold.checkpoint import (
-    CheckpointError,
-    CheckpointManager,
-    CheckpointWriteError,
-    export_inference_bundle,
-    write_json_atomic,
-)
+from diffold.atomic import write_json_atomic
+from diffold.checkpoint import CheckpointError, CheckpointManager
+from diffold.checkpoint_check import config_changes
 from diffold.config import Config, ConfigError, load_config, save_config
 from diffold.data import DataError, build_datasets, build_loader
 from diffold.diffusion import build_diffusion
 from diffold.ema import EMA
-from diffold.evaluate import validate
 from diffold.faults import FaultInjector
-from diffold.health import HealthMonitor, RecoveryPolicy, sync_flags
+from diffold.health import HealthMonitor
 from diffold.loop import LossStats, Stepper
-from diffold.memory import memory_stats
 from diffold.model import build_model, count_parameters
 from diffold.optim import build_optimizer, build_scheduler
-from diffold.state import TrainState, improved
+from diffold.recovery import Action, RecoveryPolicy, sync_flags
+from diffold.run import EXIT_CODES, Run, set_lr_scale
+from diffold.signals import EXIT_INTERRUPTED, Interrupted, PreemptionGuard
+from diffold.startup import (
+    Decisions,
+    choose_threads,
+    make_accelerator,
+    precision_used,
+    process_group,
+    resolve_run_dir,
+)
+from diffold.state import TrainState
 from diffold.tasks import get_task
 from diffold.tracking import RunLog, setup_logging, wandb_mode
 
 log = logging.getLogger("diffold.train")
+STARTUP_ERRORS = (ConfigError, DataError, CheckpointError, Interrupted)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", help="balanced | performance | safety | memory | debug")
     p.add_argument("--task", choices=["rna", "protein"], help="overrides task: in the config")
     p.add_argument("--output_dir", help="run directory (default: logging.output_dir/<run_name>)")
-    p.add_argument("--resume", help="auto | latest | best | PATH (auto: newest valid checkpoint, else fresh)")
+    p.add_argument("--resume", help="auto | latest | best | PATH (auto: newest healthy checkpoint, else fresh)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.optimizer.lr=3e-4")
     return p.parse_intermixed_args(argv)  # overrides may come before or after options
 
@@ -74,46 +81,84 @@ def resume_command(run_dir: Path, num_processes: int, device_type: str = "cuda")
     return f"{launch} train_full.py --config {run_dir}/config.yaml --output_dir {run_dir} --resume auto"
 
 
-def resolve_run_dir(cfg: Config, output_dir: str | None, stem: str) -> Path:
-    """Same directory on every rank: the main process picks the timestamped name and broadcasts it."""
-    if output_dir:
-        return Path(output_dir)
-    name = [cfg.logging.run_name or f"{stem}_{time.strftime('%Y%m%d_%H%M%S')}"]
-    broadcast_object_list(name)
-    return Path(cfg.logging.output_dir) / name[0]
+@dataclass
+class Start:
+    """What start-up established before any data is read."""
+
+    acc: object
+    run_dir: Path
+    ckpts: CheckpointManager
+    resume_from: list[Path]   # checkpoints to try, in order (empty: fresh start)
+    runlog: RunLog
+    decisions: Decisions
 
 
-def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None = None, stem: str = "run") -> dict:
-    """The whole run; returns a summary (status, steps, first/last loss, final EMA/model weights)."""
-    # ---- accelerator: devices, precision, accumulation, process group --------------------------
-    # process group first (ranks agree on run_dir). PartialState ignores ACCELERATE_USE_CPU (only
-    # AcceleratorState reads it): without cpu= here, 2 CPU processes would each train alone.
-    ps = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(seconds=cfg.distributed.timeout_s))
-    if int(os.environ.get("WORLD_SIZE", "1")) != ps.num_processes:
-        raise ConfigError(f"launched {os.environ['WORLD_SIZE']} processes but the process group has {ps.num_processes}: "
-                          "each would train alone; on CPU set ACCELERATE_USE_CPU=true (accelerate_configs/cpu_ddp.yaml)")
+def begin(cfg: Config, output_dir: str | None, resume: str | None, stem: str) -> Start:
+    """Process group, accelerator, run directory, logging, and which checkpoint to resume (checked first)."""
+    decisions = Decisions()
+    choose_threads(decisions)
+    process_group(cfg)
     run_dir = resolve_run_dir(cfg, output_dir, stem)
     log_with = [t for t in cfg.logging.log_with if not (t == "wandb" and wandb_mode(cfg.logging.wandb_mode) == "disabled")]
-    acc = Accelerator(
-        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
-        mixed_precision=cfg.training.mixed_precision,
-        log_with=log_with or None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
-        step_scheduler_with_optimizer=False,  # we step it once per real optimizer step (accelerate #2773)
-        kwargs_handlers=[
-            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.distributed.timeout_s)),
-            DistributedDataParallelKwargs(find_unused_parameters=cfg.distributed.find_unused_parameters),
-        ],
-    )
-    set_seed(cfg.training.seed)
-    ckpts = CheckpointManager(run_dir, acc, cfg.checkpoint.keep_last_n)
-    if resume is None and ckpts.candidates():
-        raise CheckpointError(f"{run_dir} already holds checkpoints: pass --resume auto to continue it, or a new --output_dir")
+    acc = make_accelerator(cfg, run_dir, log_with, decisions)
     if acc.is_main_process:
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        try:
+            (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a read-only mount, a full disk, a file in the way
+            raise CheckpointError(f"cannot write the run directory {run_dir} ({e.strerror or e}): choose a writable "
+                                  "--output_dir" + (" or free disk space" if e.errno == errno.ENOSPC else "")) from None
     acc.wait_for_everyone()
     setup_logging(run_dir, acc, cfg.logging.log_level)
+    ckpts = CheckpointManager(run_dir, acc, cfg.checkpoint.keep_last_n)
+    runlog = RunLog(run_dir, acc, 0, resume_command(run_dir, acc.num_processes, acc.device.type))
+    start = Start(acc, run_dir, ckpts, [], runlog, decisions)
+    try:
+        start.resume_from = resume_plan(ckpts, resume, decisions)
+        if acc.is_main_process:
+            save_config(cfg, run_dir / "config.yaml")
+    except OSError as e:
+        runlog.failed_start(f"cannot write {run_dir}/config.yaml ({e.strerror or e})")
+        raise CheckpointError(f"cannot write {run_dir}/config.yaml ({e.strerror or e}): free disk space or choose a "
+                              "writable --output_dir") from None
+    except CheckpointError as e:
+        runlog.failed_start(str(e))
+        raise
+    return start
+
+
+def resume_plan(ckpts: CheckpointManager, resume: str | None, decisions: Decisions) -> list[Path]:
+    """Checkpoints to try, decided before data is loaded: an explicit one must exist and verify."""
+    if resume is None:
+        if ckpts.candidates():
+            raise CheckpointError(f"{ckpts.dir.parent} already holds checkpoints: pass --resume auto to continue it, "
+                                  "or a new --output_dir")
+        return []
+    if resume == "auto":
+        order = ckpts.auto_order()
+        if not order:
+            decisions.note(f"--resume auto: no checkpoint in {ckpts.dir}: starting fresh")
+        return order
+    return [ckpts.resolve(resume)]
+
+
+def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None = None, stem: str = "run",
+          guard: PreemptionGuard | None = None) -> dict:
+    """The whole run; returns a summary (status, exit code, steps, losses, final EMA/model, ...)."""
+    guard = guard or PreemptionGuard()
+    start = begin(cfg, str(output_dir) if output_dir else None, resume, stem)
+    try:
+        return _train(cfg, start, guard, resume)
+    except STARTUP_ERRORS as e:  # one `error:` line in main(); the run directory keeps the trace
+        interrupted = isinstance(e, Interrupted)
+        start.runlog.failed_start(str(e), report=getattr(e, "report", None),
+                                  status="interrupted" if interrupted else "failed",
+                                  exit_code=EXIT_INTERRUPTED if interrupted else 2)
+        raise
+
+
+def _train(cfg: Config, start: Start, guard: PreemptionGuard, resume: str | None) -> dict:
+    acc, run_dir, ckpts, runlog = start.acc, start.run_dir, start.ckpts, start.runlog
+    set_seed(cfg.training.seed)
     task = get_task(cfg.task)
     atoms = task.resolve_atoms(cfg.data.atoms)
     k = cfg.training.gradient_accumulation_steps
@@ -130,15 +175,15 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
     if val_ds is not None and len(val_ds) < acc.num_processes:
         # too few chains to shard: every rank validates all of them with the same seed (identical
         # losses, so the cross-rank mean is unchanged) instead of failing
-        log.warning("validation set has %d chain(s) for %d processes: not sharded, every rank validates all",
-                    len(val_ds), acc.num_processes)
+        start.decisions.warn(f"validation set has {len(val_ds)} chain(s) for {acc.num_processes} processes: "
+                             "not sharded, every rank validates all")
         shard = {"num_replicas": 1, "rank": 0}
     val_dl = build_loader(val_ds, cfg, train=False, **shard) if val_ds is not None else None
     steps_per_epoch = len(train_dl) // k
-    total_steps = cfg.training.num_epochs * steps_per_epoch
-    total_steps = min(total_steps, cfg.training.max_steps or total_steps)
+    total_steps = min(cfg.training.num_epochs * steps_per_epoch, cfg.training.max_steps or 10**18)
+    runlog.total_steps = total_steps
 
-    # ---- model + EMA ----------------------------------------------------------------------------
+    # ---- model + EMA + diffusion ----------------------------------------------------------------
     model = build_model(cfg, num_atoms=len(atoms))
     diffusion = build_diffusion(cfg, task)
     ema = EMA(model, cfg.training.ema_decay)
@@ -154,30 +199,11 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
         model = torch.compile(model)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
 
-    # ---- resume -----------------------------------------------------------------------------------
-    state = TrainState(num_processes=acc.num_processes)
-    path = ckpts.resolve(resume)
-    if path is not None:
-        state, meta = ckpts.load(path, ema)
-        old_bs = meta.get("config", {}).get("training", {}).get("batch_size") or cfg.training.batch_size
-        if (state.num_processes, old_bs) != (acc.num_processes, cfg.training.batch_size):
-            log.warning("checkpoint was written by %d processes x batch %d, now %d x %d: weights and optimizer restored, "
-                        "data order of the resumed epoch differs", state.num_processes, old_bs, acc.num_processes,
-                        cfg.training.batch_size)
-            # position by chains consumed (moving 2 -> 1 process often doubles batch_size); never past the epoch
-            done = state.batch_in_epoch * state.num_processes * old_bs // (acc.num_processes * cfg.training.batch_size)
-            state.batch_in_epoch = min(done, len(train_dl)) // k * k
-            state.num_processes = acc.num_processes
-        log.info("resumed from %s (step %d, epoch %d, batch %d)", path, state.global_step, state.epoch, state.batch_in_epoch)
-    set_lr_scale(scheduler, optimizer, cfg.training.optimizer.lr * state.lr_scale)
-
-    # ---- health, recovery, tracking ---------------------------------------------------------------
+    # ---- health, recovery, resume -------------------------------------------------------------------
     monitor = HealthMonitor.from_config(cfg, total_steps)
     policy = RecoveryPolicy(cfg.health)
-    if state.health:
-        monitor.load_state_dict(state.health)
-    if state.recovery:
-        policy.load_state_dict(state.recovery)
+    state, resumed = resume_state(start, cfg, ema, monitor, policy, resume, len(train_dl))
+    set_lr_scale(scheduler, optimizer, cfg.training.optimizer.lr * state.lr_scale)
     stats = LossStats(diffusion.noise_bins, acc.device)
     faults = FaultInjector.from_spec(cfg.health.inject_faults)
 
@@ -189,81 +215,30 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
     ckpts.before_commit = before_commit
     stepper = Stepper(acc, model, diffusion, optimizer, scheduler, ema, cfg, faults, stats)
     stepper.set_multiplier(state.accumulation_multiplier)
-    runlog = RunLog(run_dir, acc, total_steps, resume_command(run_dir, acc.num_processes, acc.device.type))
+    run = Run(acc, cfg, run_dir, ckpts, runlog, state, ema, model, optimizer, scheduler, monitor, policy, stepper,
+              faults, task, atoms, diffusion, val_dl, val_ds)
+
+    # ---- tracking and the start line ----------------------------------------------------------------
     state.wandb_run_id = runlog.init_trackers(cfg, run_dir.name, state.wandb_run_id)
     effective = cfg.effective_batch_size(acc.num_processes)
-    log.info("diffold %s | %s task | %d params | %d train / %d val chains | effective batch %d = %d x %d accum x %d proc | %d steps",
-             diffold.__version__, cfg.task, count_parameters(acc.unwrap_model(model)), len(train_ds),
-             len(val_ds) if val_ds else 0, effective, cfg.training.batch_size, k, acc.num_processes, total_steps)
+    log.info("diffold %s | %s task | %s, %s, %d process(es) x %d thread(s) | %d params | %d train / %d val chains | "
+             "effective batch %d = %d x %d accum x %d proc | %d steps", diffold.__version__, cfg.task, acc.device,
+             precision_used(acc), acc.num_processes, torch.get_num_threads(), count_parameters(acc.unwrap_model(model)),
+             len(train_ds), len(val_ds) if val_ds else 0, effective, cfg.training.batch_size, k, acc.num_processes,
+             total_steps)
+    start.decisions.emit(acc.is_main_process)
     runlog.log("start", state.global_step, state.epoch, {
         "run_name": run_dir.name, "total_steps": total_steps, "num_processes": acc.num_processes,
         "effective_batch_size": effective, "resume_command": runlog.resume_command,
-        "resumed_from": str(path) if path else None})
-
-    def save(name: str) -> bool:
-        """Checkpoint; a failed write (e.g. disk full) is reported and training goes on: the next save retries."""
-        runlog.heartbeat(state.global_step, state.epoch, "checkpoint")
-        state.health, state.recovery = monitor.state_dict(), policy.state_dict()
-        meta = {"step": state.global_step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
-                "num_processes": acc.num_processes, "config": cfg.to_dict(), "metrics": state.last_val,
-                "wandb_run_id": state.wandb_run_id,  # documented in docs/run_directory.md
-                "versions": {"torch": torch.__version__, "diffold": diffold.__version__,
-                             "accelerate": sys.modules["accelerate"].__version__}}
-        try:
-            ckpts.save(name, state, ema, meta)
-        except CheckpointWriteError as e:  # training state in memory is intact; older checkpoints are valid
-            write_failed(e, f"checkpoint {name} not saved; training continues and the next save retries")
-            return False
-        return True
-
-    def write_failed(err: CheckpointWriteError, consequence: str) -> None:
-        newest = ckpts.resolve("auto")
-        runlog.health_event({"time": time.time(), "step": state.global_step, "status": "critical",
-                             "check": "checkpoint_write", "message": f"{err}; {consequence}",
-                             "suggestion": f"free disk space; newest valid checkpoint: {newest or 'none'}",
-                             "action": "none"})
-
-    def export(dest: Path) -> None:
-        """Inference bundle of the EMA weights (main process); a failed write is reported, not fatal."""
-        if acc.is_main_process:
-            try:
-                export_inference_bundle(ema, cfg.to_dict()["model"], cfg.task, dest,
-                                        {"atoms": list(atoms), "diffusion": cfg.to_dict()["diffusion"]})
-            except CheckpointWriteError as e:
-                write_failed(e, "inference bundle not exported")
-
-    def run_validation() -> str | None:
-        """Validate with EMA weights; save best; returns 'early_stopped' when patience runs out."""
-        if val_dl is None:
-            return None
-        runlog.heartbeat(state.global_step, state.epoch, "validate")
-        metrics = validate(acc, ema.module, diffusion, val_dl, val_ds, cfg, task, atoms, run_dir, state.global_step)
-        faults.kill_now(state.global_step, acc.process_index, kind="kill_in_val")  # test hook: samples written, best not
-        samples = run_dir / "samples" / f"step_{state.global_step:09d}"  # written by validate()
-        runlog.log_structures(state.global_step, sorted(samples.glob("*.pdb")))
-        state.last_val = metrics
-        best_key, mode = cfg.validation.best_metric, cfg.validation.best_mode
-        value = metrics.get(best_key)
-        es = cfg.training.early_stopping
-        es_value = metrics.get(es.metric or best_key)
-        if es_value is not None and math.isfinite(es_value) and improved(es_value, state.es_best, es.mode or mode, es.min_delta):
-            state.es_best, state.bad_validations = es_value, 0
-        else:
-            state.bad_validations += 1
-        if value is not None and math.isfinite(value) and improved(value, state.best_value, mode):
-            state.best_value, state.best_step = value, state.global_step
-            if save("best") and cfg.checkpoint.export_best:
-                export(ckpts.dir / "best" / "export")
-        runlog.log("val", state.global_step, state.epoch, {**metrics, "best_metric": best_key,
-                                                           "best_value": state.best_value, "best_step": state.best_step})
-        log.info("validation step %d: %s", state.global_step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        if es.enabled and state.bad_validations >= es.patience:
-            return "early_stopped"
-        return None
+        "resumed_from": str(resumed) if resumed else None, "device": str(acc.device),
+        "precision": precision_used(acc), "threads": torch.get_num_threads(), "decisions": start.decisions.to_list()})
+    if resumed is None:
+        run.save(f"step_{state.global_step:09d}")  # step 0: a healthy rollback target from the first step on
 
     # ---- loop -------------------------------------------------------------------------------------
-    status, interval, first_loss = "running", [], None
-    progress = _progress(acc, cfg, total_steps, state.global_step)
+    guard.arm()
+    status, first_loss = "running", None
+    run.progress = _progress(acc, cfg, total_steps, state.global_step)
     while status == "running":
         if state.epoch >= cfg.training.num_epochs or state.global_step >= total_steps:
             status = "finished"
@@ -288,32 +263,35 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
             state.accumulation_multiplier = stepper.multiplier
             lr = scheduler.get_last_lr()[0]
             stagnant = faults.active("stagnate", state.global_step - 1, acc.process_index)  # fault steps count from 0
-            losses = {"total": 1.0 if stagnant else res.loss}
-            report = monitor.update(state.global_step, {**res.terms, **losses}, res.grad_norm, lr,
-                                    step_time, t1 - t0, last_memory(acc))
+            report = monitor.update(state.global_step, {**res.terms, "total": 1.0 if stagnant else res.loss},
+                                    res.grad_norm, lr, step_time, t1 - t0, run.memory(), res.weights)
             for _ in range(res.oom_retries):
                 policy.on_oom(state.global_step)
                 runlog.health_event(policy.recent[-1])  # on_oom records a plain dict
-            bad, spike = sync_flags(acc, [res.skipped or report.bad_step, report.spike_confirmed])  # same branch on all ranks
-            action = policy.decide(bad, spike, report)
+            # one all-reduce: every rank takes the same branch
+            bad, spike, broken, stop = sync_flags(acc, [res.skipped or report.bad_step, report.spike_confirmed,
+                                                        report.broken_weights, guard.requested is not None])
+            run.weights_ok = not broken
+            action = policy.decide(bad, spike, report, broken_weights=broken)
             for ev in report.events:
                 runlog.health_event(ev.to_dict())
             if first_loss is None and math.isfinite(res.loss):
                 first_loss = res.loss
-            interval.append((res, lr, report, step_time, t1 - t0))
-            if action == "rollback":
-                status = rollback(acc, ckpts, ema, state, scheduler, optimizer, cfg, runlog, policy.lr_scale)
-            elif action == "give_up":
+            run.interval.append((res, lr, report, step_time, t1 - t0))
+            if action == Action.ROLLBACK:
+                status = run.rollback()
+            elif action == Action.GIVE_UP:
                 status = "gave_up"
+            if status == "running" and stop:
+                status = "interrupted"
             if state.global_step % cfg.training.log_every == 0 or status != "running":
-                flush_interval(runlog, state, stats, interval, monitor, policy, acc, progress)
-                interval = []
+                run.log_interval(stats)
             if status != "running":
                 break
             if cfg.training.validate_every_steps and state.global_step % cfg.training.validate_every_steps == 0:
-                status = run_validation() or status
+                status = run.validate() or status
             if state.global_step % cfg.checkpoint.save_every_steps == 0:
-                save(f"step_{state.global_step:09d}")
+                run.save(f"step_{state.global_step:09d}")
             if status != "running" or state.global_step >= total_steps:
                 break
         if status != "running" or state.batch_in_epoch < len(train_dl):
@@ -321,45 +299,95 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
             break  # stopped mid-epoch
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         if not cfg.training.validate_every_steps and state.epoch % cfg.training.validate_every == 0:
-            status = run_validation() or status
-        save(f"step_{state.global_step:09d}")
+            status = run.validate() or status
+        run.save(f"step_{state.global_step:09d}")
         if cfg.checkpoint.save_every_epochs and state.epoch % cfg.checkpoint.save_every_epochs == 0:
-            save(f"epoch_{state.epoch}")
+            run.save(f"epoch_{state.epoch}")
 
     # ---- finish -----------------------------------------------------------------------------------
-    if interval:
-        flush_interval(runlog, state, stats, interval, monitor, policy, acc, progress)
-    if status != "gave_up":
-        if save(f"step_{state.global_step:09d}"):
-            export(run_dir / "export")
-        else:  # the final state is lost: say so, exit non-zero, point at what is left
-            status = "failed"
-            log.error("final checkpoint not written (see above); free disk space, then resume from the newest valid "
-                      "checkpoint (%s): %s", ckpts.resolve("auto") or "none: starts fresh", runlog.resume_command)
-    else:
-        log.error(policy.final_report().replace("{resume_command}", runlog.resume_command))
+    run.log_interval(stats)
+    status, reason = finish(run, status, guard.requested)
     same = ranks_agree(acc, acc.unwrap_model(model), ema.module)  # collective: every rank calls it
-    runlog.log("end", state.global_step, state.epoch, {"status": status, "reason": status,
+    runlog.log("end", state.global_step, state.epoch, {"status": status, "reason": reason,
+                                                       "exit_code": EXIT_CODES[status],
                                                        "rank_param_checksums_equal": same,
                                                        "lost_log_records": runlog.dropped_writes})
     runlog.heartbeat(state.global_step, state.epoch, "done", status)
     runlog.finish()
-    if progress is not None:
-        progress.close()
+    if run.progress is not None:
+        run.progress.close()
     last = state.loss_history[-1][1] if state.loss_history else None
-    log.info("run %s: %s at step %d. Resume/continue: %s", run_dir, status, state.global_step, runlog.resume_command)
-    return {"status": status, "run_dir": run_dir, "step": state.global_step, "first_loss": first_loss,
-            "last_loss": last, "ema": ema, "diffusion": diffusion, "train_loader": train_dl, "cfg": cfg, "model": acc.unwrap_model(model), "state": state, "accelerator": acc}
+    (log.info if EXIT_CODES[status] == 0 else log.error)(
+        "run %s: %s at step %d (%s). Resume/continue: %s", run_dir, status, state.global_step, reason,
+        runlog.resume_command)
+    return {"status": status, "exit_code": EXIT_CODES[status], "reason": reason, "run_dir": run_dir,
+            "step": state.global_step, "first_loss": first_loss, "last_loss": last, "ema": ema, "diffusion": diffusion,
+            "train_loader": train_dl, "cfg": cfg, "model": acc.unwrap_model(model), "state": state, "accelerator": acc}
 
 
-_MEMORY: dict = {}
+def resume_state(start: Start, cfg: Config, ema, monitor, policy, resume: str | None,
+                 batches_per_epoch: int) -> tuple[TrainState, Path | None]:
+    """Load the first usable checkpoint of the plan (auto: later ones replace an unusable one, each
+    skipped with a warning); say what differs from it. Fresh TrainState when there is nothing to resume."""
+    acc = start.acc
+    state = TrainState(num_processes=acc.num_processes)
+    if not start.resume_from:
+        return state, None
+
+    def accept(loaded: TrainState) -> None:  # its health/recovery state must load too
+        try:
+            if loaded.health:
+                monitor.load_state_dict(loaded.health)
+            if loaded.recovery:
+                policy.load_state_dict(loaded.recovery)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"train_state.json holds no valid health state ({type(e).__name__}: {e})") from None
+
+    loaded = start.ckpts.load_first(start.resume_from, ema, strict=resume != "auto", accept=accept)
+    if loaded is None:
+        raise CheckpointError(f"none of the {len(start.resume_from)} checkpoint(s) in {start.ckpts.dir} can be loaded "
+                              "(see the warnings above): fix or remove them, or start a new --output_dir")
+    path, state, meta = loaded
+    changes = config_changes(meta.get("config"), cfg.to_dict())
+    if changes:
+        start.decisions.warn(f"resuming {path.name} with {len(changes)} setting(s) changed since it was written: "
+                             + "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else ""))
+    old_bs = ((meta.get("config") or {}).get("training") or {}).get("batch_size") or cfg.training.batch_size
+    if (state.num_processes, old_bs) != (acc.num_processes, cfg.training.batch_size):
+        start.decisions.warn(f"checkpoint was written by {state.num_processes} processes x batch {old_bs}, now "
+                             f"{acc.num_processes} x {cfg.training.batch_size}: weights and optimizer restored, data "
+                             "order of the resumed epoch differs")
+        # position by chains consumed (moving 2 -> 1 process often doubles batch_size); never past the epoch
+        done = state.batch_in_epoch * state.num_processes * old_bs // (acc.num_processes * cfg.training.batch_size)
+        k = cfg.training.gradient_accumulation_steps
+        state.batch_in_epoch = min(done, batches_per_epoch) // k * k
+        state.num_processes = acc.num_processes
+    log.info("resumed from %s (step %d, epoch %d, batch %d)", path, state.global_step, state.epoch, state.batch_in_epoch)
+    return state, path
 
 
-def last_memory(acc) -> dict:
-    """Memory is sampled at the log interval only; the health check reuses that sample in between."""
-    if not _MEMORY:
-        _MEMORY.update(memory_stats(acc.device))
-    return _MEMORY
+def finish(run: Run, status: str, signal_name: str | None) -> tuple[str, str]:
+    """Final checkpoint and export, and the verdict: (end status, reason). A run that 'finished' holds
+    finite weights and a healthy last window, else it is 'finished_unhealthy' and nothing is exported."""
+    st, runlog = run.state, run.runlog
+    if status == "gave_up":
+        log.error(run.policy.final_report().replace("{resume_command}", runlog.resume_command))
+        return status, f"health.max_rollbacks={run.cfg.health.max_rollbacks} exhausted (see health.jsonl)"
+    healthy, why = run.health_mark()
+    if not run.save(f"step_{st.global_step:09d}"):  # the final state is lost: say so, point at what is left
+        order = run.ckpts.auto_order()
+        log.error("final checkpoint not written (see above); free disk space, then resume from the newest valid "
+                  "checkpoint (%s): %s", order[0] if order else "none: starts fresh", runlog.resume_command)
+        return "failed", "final checkpoint could not be written"
+    if status == "interrupted":
+        return status, f"{signal_name}: checkpoint step_{st.global_step:09d} written; resume with --resume auto"
+    if not healthy:
+        good = run.ckpts.candidates(healthy_only=True)
+        log.error("training ended but its final state is not healthy (%s): nothing exported; newest healthy checkpoint: "
+                  "%s", why, good[0][1] if good else "none")
+        return "finished_unhealthy", why
+    run.export(run.run_dir / "export")
+    return status, "final weights finite, last window healthy"
 
 
 def ranks_agree(acc, *modules: torch.nn.Module) -> bool | None:
@@ -375,67 +403,6 @@ def ranks_agree(acc, *modules: torch.nn.Module) -> bool | None:
     return bool(same.all())
 
 
-def set_lr_scale(scheduler, optimizer, base_lr: float) -> None:
-    """Rescale the schedule's base LR (rollback back-off) keeping its position."""
-    sched = scheduler.scheduler
-    sched.base_lrs = [base_lr for _ in sched.base_lrs]
-    for group, lam in zip(optimizer.param_groups, sched.lr_lambdas):
-        group["initial_lr"] = base_lr
-        group["lr"] = base_lr * lam(sched.last_epoch)
-    sched._last_lr = [g["lr"] for g in optimizer.param_groups]
-
-
-def rollback(acc, ckpts, ema, state, scheduler, optimizer, cfg, runlog, lr_scale: float) -> str:
-    """Restore the newest valid checkpoint's weights/optimizer/schedule; keep data position and step count."""
-    path = ckpts.resolve("auto")
-    if path is None:
-        log.error("rollback needed but no checkpoint exists yet: lower checkpoint.save_every_steps")
-        return "gave_up"
-    keep = {k: getattr(state, k) for k in ("global_step", "epoch", "batch_in_epoch", "samples_seen", "loss_history")}
-    restored, _ = ckpts.load(path, ema)
-    for name, value in vars(restored).items():
-        setattr(state, name, keep.get(name, value))
-    state.lr_scale = lr_scale
-    set_lr_scale(scheduler, optimizer, cfg.training.optimizer.lr * state.lr_scale)
-    runlog.health_event({"time": time.time(), "step": state.global_step, "status": "critical", "check": "rollback",
-                         "message": f"rolled back to {path.name}; LR scale now {state.lr_scale:g}",
-                         "suggestion": "if this repeats, lower training.optimizer.lr or use --preset safety",
-                         "action": "rollback"})
-    return "running"
-
-
-def flush_interval(runlog, state, stats, interval, monitor, policy, acc, progress) -> None:
-    """Means over the log interval to metrics.jsonl / trackers / heartbeat / progress bar."""
-    n = len(interval)
-    finite = [r for r, *_ in interval if math.isfinite(r.loss)]
-    loss = sum(r.loss for r in finite) / max(len(finite), 1) if finite else float("nan")
-    terms = {f"loss/{k}": sum(r.terms.get(k, 0.0) for r in finite) / max(len(finite), 1) for k in interval[-1][0].terms}
-    mem = memory_stats(acc.device)
-    _MEMORY.update(mem)
-    last_report = interval[-1][2]
-    scalars = {
-        "loss/total": loss, **terms, "lr": interval[-1][1],
-        "grad_norm": sum(r.grad_norm for r, *_ in interval) / n,
-        "grad_norm_max": max((r.grad_norm for r, *_ in interval if math.isfinite(r.grad_norm)), default=math.nan),
-        "time/step_s": sum(x[3] for x in interval) / n,
-        "time/data_share": sum(x[4] for x in interval) / max(sum(x[3] for x in interval), 1e-9),
-        "mem/device_gb": mem.get("device_gb"), "mem/host_gb": mem.get("host_gb"),
-        "health/status": max(x[2].status_code for x in interval), "health/loss_zscore": monitor.loss_zscore,
-        "health/grad_norm_preclip": interval[-1][0].grad_norm,
-        "health/skipped_steps": policy.skipped_steps, "health/rollbacks": policy.rollbacks,
-        "health/oom_retries": policy.oom_retries, **stats.flush(train_s=sum(x[3] for x in interval)),
-    }
-    state.loss_history.append([state.global_step, loss])
-    runlog.log("train", state.global_step, state.epoch, scalars)
-    runlog.heartbeat(state.global_step, state.epoch, "train")
-    log.info("step %d | train loss - total: %.4f, %s | lr %.3g | grad %.3g | %s",
-             state.global_step, loss, ", ".join(f"{k[5:]}: {v:.4f}" for k, v in terms.items()),
-             scalars["lr"], scalars["grad_norm"], last_report.overall_status)
-    if progress is not None:
-        progress.update(state.global_step - progress.n)
-        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{scalars['lr']:.2e}")
-
-
 def _progress(acc, cfg, total: int, initial: int):
     if not (cfg.logging.progress_bar and acc.is_main_process):
         return None
@@ -446,14 +413,18 @@ def _progress(acc, cfg, total: int, initial: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    guard = PreemptionGuard().install()  # Ctrl-C during start-up: one line, no traceback
     try:
         overrides = [*args.overrides, *([f"task={args.task}"] if args.task else [])]
         cfg = load_config(args.config, args.preset, overrides)
-        result = train(cfg, args.output_dir, args.resume, stem=Path(args.config).stem)
+        result = train(cfg, args.output_dir, args.resume, stem=Path(args.config).stem, guard=guard)
+    except Interrupted as e:
+        print(f"interrupted: {e}; nothing to resume from this attempt", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0 if result["status"] in ("finished", "early_stopped", "max_steps") else 3
+    return result["exit_code"]
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
-"""Checkpoints: atomic (tmp dir + rename), self-describing (meta.json with checksums), safe to load.
+"""Checkpoints: atomic (tmp dir + rename), self-describing (meta.json with checksums and a health
+mark), safe to load, and chosen with care: `--resume auto` and rollbacks take the newest VALID and
+HEALTHY checkpoint and fall back past any that cannot be loaded, each skipped with one warning.
 
-A checkpoint directory is VALID only when its meta.json exists and every file it lists has the
-recorded sha256. Layout: checkpoints/step_000000120/, epoch_3/, best/ (+ best/export/), and a
-`latest` symlink. Names are never parsed: step/epoch come from meta.json.
+Layout: checkpoints/step_000000120/, epoch_3/, best/ (+ best/export/), and a `latest` symlink.
+Names are never parsed: step/epoch come from meta.json (diffold/checkpoint_check.py).
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -14,86 +14,34 @@ import pickle
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from diffold.faults import sync_flag
+from diffold.atomic import (  # noqa: F401 (write_json_atomic re-exported)
+    WRITE_ERRORS,
+    CheckpointWriteError,
+    fsync_dir,
+    write_failure,
+    write_json_atomic,
+)
+from diffold.checkpoint_check import (  # noqa: F401 (META, read_meta, verify: re-exported)
+    EMA_FILE,
+    META,
+    STATE,
+    CheckpointError,
+    health_of,
+    read_meta,
+    shape_problem,
+    verify,
+)
 from diffold.hashing import file_sha256
+from diffold.recovery import sync_flag
 from diffold.state import TrainState
 
 log = logging.getLogger(__name__)
-META = "meta.json"
-STATE = "train_state.json"
-EMA_FILE = "ema.safetensors"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, with a one-line reason."""
-
-
-class CheckpointWriteError(CheckpointError):
-    """A checkpoint could not be written (e.g. disk full); the partial write is removed, older ones are intact."""
-
-
-WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)  # a full disk: OSError (json), RuntimeError (torch.save), safetensors
-
-
-def write_failure(target: Path, err: BaseException | None) -> CheckpointWriteError:
-    """One-line error for a failed write: says whether the disk is full and what to do."""
-    detail = " ".join(str(err).split())[:200] if err is not None else "failed on another process"
-    try:
-        free = shutil.disk_usage(target.parent).free
-    except OSError:
-        free = None
-    full = (getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in detail
-            or (free is not None and free < 64 * 1024**2))
-    if full:
-        return CheckpointWriteError(f"could not write {target}: disk full ({detail}); free space on {target.parent} "
-                                    "or lower checkpoint.keep_last_n")
-    return CheckpointWriteError(f"could not write {target} ({type(err).__name__}: {detail})")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj: Any, durable: bool = True) -> None:
-    """tmp + rename: readers never see half a file. durable=False skips fsync (advisory files)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, default=float)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_meta(path: Path) -> Optional[dict]:
-    try:
-        return json.loads((path / META).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def verify(path: Path) -> tuple[bool, str]:
-    """(valid, reason). Valid = meta.json present and every listed file matches its checksum."""
-    meta = read_meta(path)
-    if meta is None:
-        return False, "no readable meta.json (interrupted write?)"
-    for rel, digest in meta.get("files", {}).items():
-        f = path / rel
-        if not f.is_file():
-            return False, f"missing file {rel}"
-        if file_sha256(f) != digest:
-            return False, f"checksum mismatch in {rel} (corrupted)"
-    return True, "ok"
 
 
 class CheckpointManager:
@@ -104,15 +52,18 @@ class CheckpointManager:
         self.acc = accelerator
         self.keep_last_n = keep_last_n
         self.before_commit = lambda: None  # test hook (fault injection): runs before meta.json is written
-        if accelerator.is_main_process:
-            try:
-                self.dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:  # a file where a directory should be, a read-only mount, permissions
-                raise CheckpointError(f"cannot create {self.dir} ({e.strerror or e}): choose a writable --output_dir") from None
+        self._warned: set[str] = set()     # invalid checkpoints already reported (one warning each)
+
+    def _ensure_dir(self) -> None:
+        """checkpoints/ is created by the first save, so a failed start leaves no empty directory."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file where a directory should be, a read-only mount, permissions
+            raise CheckpointError(f"cannot create {self.dir} ({e.strerror or e}): choose a writable --output_dir") from None
 
     # ------------------------------------------------------------------ save
-    def save(self, name: str, state: TrainState, ema, meta: dict) -> Path:
-        """Write checkpoints/<name>/ atomically; returns its path. Collective: call on every rank.
+    def save(self, name: str, state: TrainState, ema, meta: dict, healthy: tuple[bool, str] = (True, "ok")) -> Path:
+        """Write checkpoints/<name>/ atomically with its health mark; returns its path. Collective: call on every rank.
 
         A failed write (disk full, I/O error) on any rank removes the partial tmp dir and raises
         CheckpointWriteError on every rank (after the same collectives); older checkpoints are untouched.
@@ -120,14 +71,19 @@ class CheckpointManager:
         acc = self.acc
         final, tmp = self.dir / name, self.dir / f"{name}.tmp"
         acc.wait_for_everyone()
-        if acc.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        acc.wait_for_everyone()
         error: BaseException | None = None
-        try:
-            acc.save_state(str(tmp), safe_serialization=True)  # model, optimizer, scheduler, scaler, RNG per rank
-        except WRITE_ERRORS as e:  # every rank still takes the collectives below
-            error = e
+        if acc.is_main_process:
+            try:
+                self._ensure_dir()
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+            except (CheckpointError, OSError) as e:
+                error = e
+        if not sync_flag(acc, error is not None):
+            try:
+                acc.save_state(str(tmp), safe_serialization=True)  # model, optimizer, scheduler, scaler, RNG per rank
+            except WRITE_ERRORS as e:  # every rank still takes the collectives below
+                error = e
         failed = sync_flag(acc, error is not None)
         acc.wait_for_everyone()  # every rank's RNG file is in tmp before main checksums and renames
         if acc.is_main_process and not failed:
@@ -136,14 +92,15 @@ class CheckpointManager:
                 write_json_atomic(tmp / STATE, state.to_dict())
                 self.before_commit()
                 files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-                meta = {**meta, "name": name, "timestamp": time.time(), "files": files}
+                meta = {**meta, "name": name, "timestamp": time.time(), "files": files,
+                        "health": {"healthy": bool(healthy[0]), "reason": healthy[1]}}
                 write_json_atomic(tmp / META, meta)  # written last: its presence makes the checkpoint valid
                 old = self.dir / f"{name}.old"
                 if final.exists():
                     os.replace(final, old)
                 os.replace(tmp, final)
                 shutil.rmtree(old, ignore_errors=True)
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
                 if name.startswith("step_"):
                     self._point_latest(name)
                     self._rotate()
@@ -165,50 +122,93 @@ class CheckpointManager:
         os.replace(tmp, link)
 
     def _rotate(self) -> None:
-        steps = sorted(
-            (m["step"], p) for p in self.dir.glob("step_*") if p.is_dir() and (m := read_meta(p)) is not None
-        )
-        for _, path in steps[: max(0, len(steps) - self.keep_last_n)]:
-            shutil.rmtree(path, ignore_errors=True)
+        """Keep the newest keep_last_n step checkpoints, and always the newest HEALTHY one (a rollback target)."""
+        steps = sorted(((m["step"], m.get("timestamp", 0), p) for p in self.dir.glob("step_*")
+                        if p.is_dir() and not p.name.endswith((".tmp", ".old")) and (m := read_meta(p)) is not None
+                        and isinstance(m.get("step"), int)), key=lambda t: t[:2])
+        healthy = [p for _, _, p in steps if health_of(read_meta(p) or {})[0]]
+        keep = {p for _, _, p in steps[len(steps) - max(self.keep_last_n, 1):]} | set(healthy[-1:])
+        for _, _, path in steps:
+            if path not in keep:
+                shutil.rmtree(path, ignore_errors=True)
 
     # ------------------------------------------------------------------ resolve
-    def candidates(self) -> list[tuple[dict, Path]]:
-        """Valid checkpoints, newest first (by step, then time). Invalid ones are logged and skipped."""
+    def candidates(self, healthy_only: bool = False) -> list[tuple[dict, Path]]:
+        """Valid checkpoints, newest first (by step, then time). Invalid ones are skipped with one warning each."""
         found = []
         if not self.dir.is_dir():
             return found
         for p in sorted(self.dir.iterdir()):
-            if not p.is_dir() or p.is_symlink() or p.name.endswith((".old",)):
+            if not p.is_dir() or p.is_symlink() or p.name.endswith((".old", ".tmp")):
                 continue
             ok, reason = verify(p)
             if not ok:
-                log.warning("ignoring checkpoint %s: %s", p, reason)
+                if str(p) not in self._warned:
+                    self._warned.add(str(p))
+                    log.warning("ignoring checkpoint %s: %s", p, reason)
                 continue
-            found.append((read_meta(p), p))
-        return sorted(found, key=lambda mp: (mp[0]["step"], mp[0]["timestamp"]), reverse=True)
+            meta = read_meta(p)
+            if healthy_only and not health_of(meta)[0]:
+                continue
+            found.append((meta, p))
+        return sorted(found, key=lambda mp: (mp[0]["step"], mp[0].get("timestamp", 0)), reverse=True)
 
     def resolve(self, spec: Optional[str]) -> Optional[Path]:
-        """--resume auto|latest|best|PATH -> checkpoint dir (None = fresh start for auto)."""
+        """--resume auto|latest|best|PATH -> checkpoint dir (None = fresh start for auto).
+
+        auto: the newest healthy valid checkpoint, else the newest valid one (with a warning)."""
         if not spec or spec == "none":
             return None
         if spec == "auto":
-            found = self.candidates()
-            return found[0][1] if found else None
-        path = (self.dir / "latest").resolve() if spec == "latest" else self.dir / "best" if spec == "best" else Path(spec)
-        if not path.is_dir():
-            raise CheckpointError(f"--resume {spec}: no checkpoint at {path}; use --resume auto to pick the newest valid one")
+            order = self.auto_order()
+            return order[0] if order else None
+        path = self.explicit(spec)
         ok, reason = verify(path)
         if not ok:
-            raise CheckpointError(f"--resume {spec}: {path} is not usable ({reason}); use --resume auto")
+            raise CheckpointError(f"--resume {spec}: {path} is not usable ({reason}); use --resume auto to take "
+                                  "the newest valid checkpoint")
+        return path
+
+    def auto_order(self) -> list[Path]:
+        """What --resume auto tries, in order: healthy checkpoints newest first, then unhealthy ones."""
+        every = self.candidates()
+        return [p for m, p in every if health_of(m)[0]] + [p for m, p in every if not health_of(m)[0]]
+
+    def explicit(self, spec: str) -> Path:
+        """The directory an explicit --resume latest|best|PATH names; CheckpointError if there is none."""
+        try:
+            path = (self.dir / "latest").resolve(strict=True) if spec == "latest" else \
+                self.dir / "best" if spec == "best" else Path(spec)
+            is_dir = path.is_dir()
+        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+            raise CheckpointError(f"--resume {spec}: {self.dir / 'latest'} cannot be followed "
+                                  f"({type(e).__name__}: {' '.join(str(e).split())[:100]}); use --resume auto") from None
+        if not is_dir:
+            raise CheckpointError(f"--resume {spec}: no checkpoint at {path}; use --resume auto to pick the newest valid one")
         return path
 
     # ------------------------------------------------------------------ load
     def load(self, path: Path, ema) -> tuple[TrainState, dict]:
-        """Restore model/optimizer/scheduler/scaler/RNG (Accelerate) + EMA + TrainState. Collective."""
+        """Restore model/optimizer/scheduler/scaler/RNG (Accelerate) + EMA + TrainState. Collective.
+
+        Everything that can be checked without touching the live model is checked first (checksums,
+        tensor names and shapes, the train state's types), so a mismatching checkpoint changes nothing.
+        """
         ok, reason = verify(path)
         if not ok:
             raise CheckpointError(f"checkpoint {path} is not usable: {reason}")
         meta = read_meta(path)
+        expected = {k: tuple(v.shape) for k, v in ema.module.state_dict().items()}
+        problem = shape_problem(path, expected)
+        if problem.startswith("refused"):
+            raise CheckpointError(f"checkpoint {path}: {problem}: resume from another one")
+        if problem:
+            raise CheckpointError(f"checkpoint {path}: {problem}; resume it with its own config "
+                                  f"(--config {path.parent.parent / 'config.yaml'}) or start a new --output_dir")
+        try:
+            state = TrainState.from_dict(json.loads((path / STATE).read_text(encoding="utf-8")))
+        except (ValueError, TypeError, RecursionError) as e:
+            raise CheckpointError(f"checkpoint {path}: {STATE} is not a valid training state ({_first_line(e)})") from None
         _check_rng_files(path)
         try:  # pickled files are read with weights_only=True (Accelerate's default): code in them is refused
             self.acc.load_state(str(path))
@@ -216,9 +216,29 @@ class CheckpointManager:
         except (pickle.UnpicklingError, SafetensorError) as e:
             raise CheckpointError(f"checkpoint {path}: refused to load ({type(e).__name__}: {_first_line(e)}); "
                                   "it holds more than plain tensors/state (unsafe pickle?): resume from another one") from None
-        state = TrainState.from_dict(json.loads((path / STATE).read_text(encoding="utf-8")))
+        except (RuntimeError, ValueError, KeyError, IndexError, EOFError, OSError) as e:
+            raise CheckpointError(f"checkpoint {path}: does not fit this model/optimizer ({type(e).__name__}: "
+                                  f"{_first_line(e)}); resume with its own config or start a new --output_dir") from None
         return state, meta
 
+    def load_first(self, paths: list[Path], ema, strict: bool,
+                   accept: Callable[[TrainState], None] = lambda s: None) -> tuple[Path, TrainState, dict] | None:
+        """Load the first of `paths` that works on every rank; with strict=False the others are skipped
+        with one warning each (ranks agree on every skip: one flag per candidate). `accept` may raise
+        CheckpointError to refuse a loaded state (e.g. garbage health state)."""
+        for path in paths:
+            try:
+                state, meta = self.load(path, ema)
+                accept(state)
+                error = None
+            except CheckpointError as e:
+                error = e
+            if not sync_flag(self.acc, error is not None):
+                return path, state, meta
+            if strict:
+                raise error or CheckpointError(f"checkpoint {path} failed to load on another process")
+            log.warning("skipping checkpoint %s: %s", path, error or "failed to load on another process")
+        return None
 
 def _first_line(err: BaseException) -> str:
     """The informative line of an error; for torch's weights_only refusal, the line naming the blocked global."""

@@ -170,7 +170,9 @@ class HealthConfig:
     memory_share: float = 0.92
     skip_nonfinite: bool = True
     max_bad_steps: int = 3                 # consecutive bad steps before a rollback
-    rollback_on_spike: bool = False
+    rollback_on_spike: bool = True         # a confirmed spike / loss held above loss_cap rolls back
+    weight_growth_max: float = 2.0         # weight norm growing more than this x in ONE update = exploded
+    divergence_factor: float = 10.0        # smoothed loss this many x above its run minimum = diverged (0: off)
     lr_backoff: float = 0.5
     max_rollbacks: int = 3
     oom_recovery: bool = True

@@ -1,9 +1,7 @@
-"""Faults: the response to them (recovery policy, cross-rank agreement) and test-only injection.
-
-Detection is diffold/health.py. Here: `RecoveryPolicy` turns rank-synchronised bad steps, confirmed
-spikes and OOMs into skip / rollback / give-up with counters; `sync_flags` ORs flags over ranks with
-one all-reduce so every rank takes the same branch; `FaultInjector` (health.inject_faults) makes
-those faults happen on purpose in tests. An empty injection spec costs nothing.
+"""Test-only fault injection (health.inject_faults): faults that no real run can be made to produce
+on demand (an OOM on a CPU, a kill inside a checkpoint write, a full disk). Real faults (a diverging
+LR, absurd data, signals) are tested as they are; the response lives in diffold/recovery.py.
+An empty injection spec costs nothing.
 
 Injection spec: comma-separated items `kind@step` or `kind@start-end` (inclusive), optionally `:rankN`,
 e.g. "nan_loss@5,nan_loss@10-12,oom@7:rank1,grad_explode@20,stagnate@30-90,slow@40,kill@55".
@@ -28,118 +26,10 @@ A resumed run that replays a `kill` step dies again: resume with health.inject_f
 """
 from __future__ import annotations
 
-import enum
 import os
 import re
 import signal
-import time
-from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
-
-from diffold.config import HealthConfig
-
-
-class Action(str, enum.Enum):
-    """What the loop does with a step; the values are health.jsonl `action` strings."""
-
-    NONE = "none"
-    SKIP = "skip"
-    ROLLBACK = "rollback"
-    OOM_RETRY = "oom_retry"
-    GIVE_UP = "give_up"
-
-
-class RecoveryPolicy:
-    """Turns (rank-synchronised) bad steps, confirmed spikes and OOMs into skip / rollback / give-up."""
-
-    def __init__(self, cfg_health: HealthConfig) -> None:
-        self.cfg = cfg_health
-        self.skipped_steps = self.rollbacks = self.oom_retries = self.consecutive_bad = 0
-        self.gave_up = False
-        self.recent: deque[dict[str, Any]] = deque(maxlen=5)  # last critical health.jsonl events
-
-    @property
-    def lr_scale(self) -> float:
-        """Factor on the configured LR after the rollbacks so far (lr_backoff ** rollbacks)."""
-        return self.cfg.lr_backoff ** self.rollbacks
-
-    def decide(self, bad_step: bool, spike_confirmed: bool, report: Any = None) -> Action:
-        """Action for this step; an optional HealthReport gets it on its critical events (kept for the summary)."""
-        c = self.cfg
-        self.consecutive_bad = self.consecutive_bad + 1 if bad_step else 0
-        action = Action.NONE
-        if (bad_step and self.consecutive_bad >= c.max_bad_steps) or (spike_confirmed and c.rollback_on_spike):
-            if self.rollbacks >= c.max_rollbacks:
-                action, self.gave_up = Action.GIVE_UP, True
-            else:
-                action, self.consecutive_bad = Action.ROLLBACK, 0
-                self.rollbacks += 1
-        elif bad_step and c.skip_nonfinite:
-            action = Action.SKIP
-            self.skipped_steps += 1
-        if report is not None:
-            report.annotate(action)
-            self.recent.extend(e.to_dict() for e in report.events if e.status == "critical")
-        return action
-
-    def on_oom(self, step: int = -1, clock: Callable[[], float] = time.time) -> bool:
-        """Count an OOM; True if recovery (halve micro-batch, double accumulation) is allowed.
-
-        The matching health.jsonl event is `policy.recent[-1]`.
-        """
-        self.oom_retries += 1
-        ok = bool(self.cfg.oom_recovery)
-        hint = ("if it recurs: enable model.activation_checkpointing, lower data.max_length or use --preset memory"
-                if ok else "set health.oom_recovery=true, or lower training.batch_size or data.max_length")
-        self.recent.append({"time": clock(), "step": step, "status": "critical", "check": "oom",
-                            "message": f"out of memory (OOM #{self.oom_retries})", "suggestion": hint,
-                            "action": (Action.OOM_RETRY if ok else Action.GIVE_UP).value})
-        return ok
-
-    def final_report(self, resume_command: str = "{resume_command}") -> str:
-        """Multi-line summary for the give-up message: what happened, what to change, how to resume."""
-        c = self.cfg
-        lines = [f"diffold health: training stopped after {self.rollbacks} rollback(s) "
-                 f"(health.max_rollbacks={c.max_rollbacks}), {self.skipped_steps} skipped step(s), "
-                 f"{self.oom_retries} OOM retr{'y' if self.oom_retries == 1 else 'ies'}; "
-                 f"LR was scaled by {self.lr_scale:.3g}.", "Last critical events:"]
-        lines += [f"  step {e['step']} {e['check']} ({e['action']}): {e['message']}" for e in self.recent]
-        lines += [] if self.recent else ["  (none recorded)"]
-        lines.append("What to do:")
-        lines += [f"  - {h}" for h in dict.fromkeys(e["suggestion"] for e in self.recent)]  # de-duplicated
-        lines += ["  - use the safety preset (--preset safety: lower LR, tighter clipping, rollback on spikes)",
-                  "  - look for corrupt inputs in data_report.json and at the health.jsonl steps above",
-                  f"  - allow more attempts: raise health.max_rollbacks (now {c.max_rollbacks}) or "
-                  f"health.max_bad_steps (now {c.max_bad_steps})",
-                  f"Resume from the last good checkpoint with the changed settings: {resume_command}"]
-        return "\n".join(lines)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks, "oom_retries": self.oom_retries,
-                "consecutive_bad": self.consecutive_bad, "gave_up": self.gave_up, "recent": list(self.recent)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.skipped_steps, self.rollbacks = int(state["skipped_steps"]), int(state["rollbacks"])
-        self.oom_retries, self.consecutive_bad = int(state["oom_retries"]), int(state["consecutive_bad"])
-        self.gave_up = bool(state["gave_up"])
-        self.recent = deque((dict(e) for e in state["recent"]), maxlen=self.recent.maxlen)
-
-
-def sync_flags(accelerator: Any, flags: Sequence[bool]) -> list[bool]:
-    """Each flag OR-ed over all ranks with ONE all-reduce (max); no collective with a single process."""
-    if getattr(accelerator, "num_processes", 1) <= 1:
-        return [bool(f) for f in flags]
-    import torch
-
-    local = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=accelerator.device)
-    return [v > 0 for v in accelerator.reduce(local, reduction="max").tolist()]
-
-
-def sync_flag(accelerator: Any, flag: bool) -> bool:
-    """True on every rank if any rank raised `flag` (so all ranks take the same branch)."""
-    return sync_flags(accelerator, [flag])[0]
-
 
 # ---------------------------------------------------------------------- test-only injection
 FAULT_KINDS = ("nan_loss", "nan_grad", "loss_spike", "grad_explode", "stagnate", "slow", "oom", "kill", "kill_in_save",

@@ -23,9 +23,16 @@ def kabsch_rotation(mobile: torch.Tensor, target: torch.Tensor, weights: torch.T
         m = mobile.detach().to(torch.float64)
         t = target.detach().to(torch.float64)
         wsum = w.sum(-1)[..., None, None].clamp_min(_EPS)  # [B, 1, 1]
+        m = torch.where(w[..., None] > 0, m, 0.0)  # masked points may hold anything, even NaN
+        t = torch.where(w[..., None] > 0, t, 0.0)
         mc = m - (m * w[..., None]).sum(-2, keepdim=True) / wsum  # [B, N, 3]
         tc = t - (t * w[..., None]).sum(-2, keepdim=True) / wsum
         h = einsum(w[..., None] * mc, tc, "b n i, b n j -> b i j")  # [B, 3, 3] covariance
+        # Non-finite input (diverged weights, absurd data) must not raise inside the loss: SVD of the
+        # identity instead, the rotation is then replaced below and the loss itself is non-finite,
+        # which the training loop turns into its bad-step flag.
+        finite = torch.isfinite(h).all(-1).all(-1)  # [B]
+        h = torch.where(finite[..., None, None], h, torch.eye(3, dtype=h.dtype, device=h.device))
         u, _, vh = torch.linalg.svd(h)
         # Reflection fix (Kabsch 1976): flip the weakest axis when det(V U^T) < 0.
         d = torch.sign(torch.linalg.det(vh.transpose(-1, -2) @ u.transpose(-1, -2)))
@@ -33,7 +40,8 @@ def kabsch_rotation(mobile: torch.Tensor, target: torch.Tensor, weights: torch.T
         diag = torch.ones_like(h[..., 0])  # [B, 3]
         diag[..., -1] = d
         rot = vh.transpose(-1, -2) @ torch.diag_embed(diag) @ u.transpose(-1, -2)  # [B, 3, 3]
-        rot = torch.where(torch.isfinite(rot).all(-1).all(-1)[..., None, None], rot, torch.eye(3, dtype=rot.dtype, device=rot.device))
+        ok = finite & torch.isfinite(rot).all(-1).all(-1)  # [B]
+        rot = torch.where(ok[..., None, None], rot, torch.full_like(rot, float("nan")))
     return rot.to(mobile.dtype)
 
 
@@ -45,8 +53,9 @@ def kabsch_align(mobile: torch.Tensor, target: torch.Tensor, weights: torch.Tens
     """
     w = weights.to(mobile.dtype)  # [B, N]
     wsum = w.sum(-1)[..., None, None].clamp_min(_EPS)  # [B, 1, 1]
-    m_centroid = (mobile * w[..., None]).sum(-2, keepdim=True) / wsum  # [B, 1, 3]
-    t_centroid = (target * w[..., None]).sum(-2, keepdim=True) / wsum
+    used = w[..., None] > 0  # [B, N, 1]: masked points may hold anything (NaN * 0 would still be NaN)
+    m_centroid = (torch.where(used, mobile, 0.0) * w[..., None]).sum(-2, keepdim=True) / wsum  # [B, 1, 3]
+    t_centroid = (torch.where(used, target, 0.0) * w[..., None]).sum(-2, keepdim=True) / wsum
     rot = kabsch_rotation(mobile, target, weights)  # [B, 3, 3]
     return einsum(mobile - m_centroid, rot, "b n j, b i j -> b n i") + t_centroid
 

@@ -1,4 +1,4 @@
-"""Training health: per-step checks -> HealthReport (detection; the response lives in faults.py).
+"""Training health: per-step checks -> HealthReport (detection; the response lives in recovery.py).
 
 The loop calls `HealthMonitor.update` once per optimizer step with host floats. Running statistics
 are deques with running sums (O(1) per step, no numpy). Non-finite values and unconfirmed spikes
@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from diffold.config import Config, HealthConfig
-from diffold.faults import Action, RecoveryPolicy, sync_flag, sync_flags  # noqa: F401 (re-exported)
+from diffold.recovery import Action, RecoveryPolicy, sync_flag, sync_flags  # noqa: F401 (re-exported)
 
 SPIKE_CONFIRM = 2       # consecutive k-sigma spikes that make a spike "confirmed"
 MIN_HISTORY = 10        # samples before z-scores, medians and shares are trusted (capped at window)
+LEVEL_WINDOW = 9        # the loss level (divergence check) is the median of this many recent steps
+LEVEL_WARMUP = 20       # steps before the level's minimum is trusted
 REL_STD_FLOOR = 1e-2    # std floor as a share of |mean|: a flat loss must not turn noise into 1e9 sigma
 STATUS_CODES = {"healthy": 0, "warning": 1, "critical": 2}
 _STATUS = ("healthy", "warning", "critical")
@@ -50,7 +52,8 @@ class HealthReport:
     suggestions: list[str] = field(default_factory=list)   # one per warning
     events: list[HealthEvent] = field(default_factory=list)
     bad_step: bool = False          # non-finite loss or grad norm: this update must not be applied
-    spike_confirmed: bool = False   # SPIKE_CONFIRM consecutive spikes (k sigma or above health.loss_cap)
+    spike_confirmed: bool = False   # the SPIKE_CONFIRM-th consecutive spike (k sigma or above health.loss_cap)
+    broken_weights: bool = False    # the applied update left weights/optimizer state non-finite or exploded
     loss_zscore: float = 0.0
 
     @property
@@ -62,6 +65,15 @@ class HealthReport:
         for e in self.events:
             if e.status == "critical":
                 e.action = Action(action).value
+
+
+@dataclass(frozen=True)
+class WeightCheck:
+    """The weights after an applied update: all finite (optimizer state included), norm, growth factor."""
+
+    finite: bool
+    norm: float
+    growth: float  # norm after / norm before the update (1.0 when unknown)
 
 
 class _Window:
@@ -165,6 +177,8 @@ class HealthMonitor:
         self._last_emit: dict[str, int] = {}   # step of the last written event per check
         self._suppressed: dict[str, int] = {}  # occurrences not written since then
         self._spike_run = 0
+        self._level, self._level_min, self._level_n = 0.0, math.inf, 0  # loss level, its minimum, samples
+        self._recent = _Median(LEVEL_WINDOW)
 
     @classmethod
     def from_config(cls, cfg: Config, total_steps: int) -> HealthMonitor:
@@ -191,16 +205,18 @@ class HealthMonitor:
     # ------------------------------------------------------------------ the checks
     def update(self, step: int, losses: Mapping[str, float], grad_norm: Optional[float], lr: Optional[float],
                step_time: Optional[float] = None, data_time: Optional[float] = None,
-               memory: Optional[Mapping[str, Any]] = None) -> HealthReport:
-        """Check one optimizer step (step_time includes data_time; memory as from memory_stats).
+               memory: Optional[Mapping[str, Any]] = None, weights: Optional[WeightCheck] = None) -> HealthReport:
+        """Check one optimizer step (step_time includes data_time; memory as from memory_stats;
+        weights: the state after the update, when one was applied).
 
         With health.enabled=false only the non-finite checks run: recovery (skip/rollback) needs them.
         """
         c, isfinite = self.cfg, math.isfinite
         if not c.enabled:
-            return self._nonfinite_only(step, losses, grad_norm)
+            return self._nonfinite_only(step, losses, grad_norm, weights)
         hits: list[tuple[str, bool, Callable[[], tuple[str, str]]]] = []  # check, critical, -> (msg, hint)
         bad_step = confirmed = False
+        hits += self._weight_hits(weights, lr)
         z = 0.0
         total = losses.get("total")
         nonfinite = [k for k, v in losses.items() if not isfinite(v)]
@@ -216,13 +232,22 @@ class HealthMonitor:
                 mean = win.mean()
                 z = (total - mean) / max(math.sqrt(win.var()), REL_STD_FLOOR * abs(mean), 1e-12)
                 z = min(z, 1e9)  # stays finite (JSON-safe) even for a 1e300 loss
-            spike = above_cap or z > c.spike_sigma  # an explosion also counts toward confirmation
+            diverged = self._update_level(total, above_cap)
+            spike = above_cap or z > c.spike_sigma or diverged  # an explosion also counts toward confirmation
             self._spike_run = self._spike_run + 1 if spike else 0
-            confirmed = self._spike_run == SPIKE_CONFIRM
+            confirmed = self._spike_run == SPIKE_CONFIRM  # once per run of spikes (a rollback resets the run)
             if above_cap:
+                bad_step = True  # the user's cap: an update from a loss this large is not applied
                 hits.append(("loss_explosion", True, lambda: (
-                    f"loss {_fmt(total)} above health.loss_cap={_fmt(c.loss_cap)}",
+                    f"loss {_fmt(total)} above health.loss_cap={_fmt(c.loss_cap)}"
+                    + (" (confirmed: consecutive steps)" if confirmed else ""),
                     f"{self._lower_lr(lr)}; raise health.loss_cap if losses this large are expected")))
+            elif diverged:
+                hits.append(("loss_divergence", True, lambda: (
+                    f"loss level (median of {LEVEL_WINDOW} steps) {_fmt(self._level)} is {self._level / self._level_min:.1f}x the lowest this run "
+                    f"reached ({_fmt(self._level_min)}; limit health.divergence_factor={_fmt(c.divergence_factor)})"
+                    + (" (confirmed)" if confirmed else ""),
+                    f"{self._lower_lr(lr)}; the run rolls back to the last healthy checkpoint")))
             elif spike:
                 hits.append(("loss_spike", confirmed and c.rollback_on_spike, lambda: (
                     f"loss {_fmt(total)} is {z:.1f} sigma above the {self.window}-step mean {_fmt(mean)}"
@@ -295,15 +320,61 @@ class HealthMonitor:
             return HealthReport(loss_zscore=z)
         return self._report(step, hits, bad_step, confirmed, z)
 
-    def _nonfinite_only(self, step: int, losses: Mapping[str, float], grad_norm: Optional[float]) -> HealthReport:
+    def _weight_hits(self, w: Optional[WeightCheck], lr: Optional[float]) -> list:
+        """Critical hits for an update that broke the weights: a skip cannot undo it, a rollback must."""
+        if w is None:
+            return []
+        hint = f"{self._lower_lr(lr)}; the run rolls back to the last healthy checkpoint with a lower LR"
+        if not w.finite:
+            return [("nonfinite_weights", True, lambda: (
+                "weights or optimizer state became non-finite after the update", hint))]
+        if w.growth > self.cfg.weight_growth_max:
+            return [("weight_explosion", True, lambda: (
+                f"weight norm grew {w.growth:.3g}x in one update (to {w.norm:.3g}; limit "
+                f"health.weight_growth_max={_fmt(self.cfg.weight_growth_max)})", hint))]
+        return []
+
+    def _update_level(self, total: float, above_cap: bool) -> bool:
+        """Median loss of the last LEVEL_WINDOW steps vs the lowest it has been: True when it sits divergence_factor x above it.
+
+        Catches the slow divergence a z-score adapts to (the window follows the loss up)."""
+        if not above_cap:
+            self._recent.push(total)
+            self._level = self._recent.median()  # a lone spike does not move it; a lasting shift does
+            self._level_n += 1
+            if self._level_n >= LEVEL_WARMUP:
+                self._level_min = min(self._level_min, self._level)
+        f = self.cfg.divergence_factor
+        return (f > 0 and self._level_n > LEVEL_WARMUP and self._level_min > 0
+                and self._level > f * self._level_min)
+
+    def reset_spikes(self) -> None:
+        """After a rollback the spike run starts again (the state that produced it is gone)."""
+        self._spike_run = 0
+
+    def restore_statistics(self, state: Mapping[str, Any]) -> None:
+        """Running statistics of a checkpoint (at a rollback): the loss windows a divergence polluted go
+        back to what they were; event counts are kept (they describe the whole run)."""
+        counts, last, suppressed = self.counts, self._last_emit, self._suppressed
+        best, seen = self._level_min, self._level_n  # the lowest level the run reached stays the yardstick
+        self.load_state_dict(state)
+        self.counts, self._last_emit, self._suppressed = counts, last, suppressed
+        self._level_min, self._level_n = min(best, self._level_min), max(seen, self._level_n)
+        self._spike_run = 0
+
+    def _nonfinite_only(self, step: int, losses: Mapping[str, float], grad_norm: Optional[float],
+                        weights: Optional[WeightCheck] = None) -> HealthReport:
         bad = [k for k, v in losses.items() if not math.isfinite(v)]
         if grad_norm is not None and not math.isfinite(grad_norm):
             bad.append("grad_norm")
-        if not bad:
-            return HealthReport()
+        hits = self._weight_hits(weights, None)
         hint = "lower training.optimizer.lr or enable the safety preset (--preset safety); set health.enabled=true"
         check = "nonfinite_grad" if bad == ["grad_norm"] else "nonfinite_loss"
-        return self._report(step, [(check, True, lambda: ("non-finite " + ", ".join(bad), hint))], True, False, 0.0)
+        if bad:
+            hits.append((check, True, lambda: ("non-finite " + ", ".join(bad), hint)))
+        if not hits:
+            return HealthReport()
+        return self._report(step, hits, bool(bad), False, 0.0)
 
     def _memory_hint(self, what: str, share: float) -> Callable[[], tuple[str, str]]:
         limit = f"health.memory_share={self.cfg.memory_share:.0%}"
@@ -319,7 +390,9 @@ class HealthMonitor:
     def _report(self, step: int, hits: list, bad_step: bool, confirmed: bool, z: float) -> HealthReport:
         """Count every hit; write critical events always, a repeated warning at most once per window."""
         level = max(2 if critical else 1 for _, critical, _ in hits)
-        report = HealthReport(_STATUS[level], bad_step=bad_step, spike_confirmed=confirmed, loss_zscore=z)
+        broken = any(check in ("nonfinite_weights", "weight_explosion") for check, _, _ in hits)
+        report = HealthReport(_STATUS[level], bad_step=bad_step, spike_confirmed=confirmed, loss_zscore=z,
+                              broken_weights=broken)
         now = None
         for check, critical, describe in hits:
             self.counts[check] = self.counts.get(check, 0) + 1
@@ -346,6 +419,8 @@ class HealthMonitor:
                 "step_times": list(self._step_med.values), "step_mean": self._step_mean.state(),
                 "data_mean": self._data_mean.state(), "loss_zscore": self.loss_zscore,
                 "spike_run": self._spike_run, "counts": dict(self.counts),
+                "level": [self._level, self._level_min if math.isfinite(self._level_min) else None, self._level_n,
+                          list(self._recent.values)],
                 "last_emit": dict(self._last_emit), "suppressed": dict(self._suppressed)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -358,4 +433,8 @@ class HealthMonitor:
         self.counts = {k: int(v) for k, v in state["counts"].items()}
         self._last_emit = {k: int(v) for k, v in state["last_emit"].items()}
         self._suppressed = {k: int(v) for k, v in state["suppressed"].items()}
+        level = state.get("level")  # absent in checkpoints of earlier versions
+        self._level, self._level_min, self._level_n = ((float(level[0]), math.inf if level[1] is None else float(level[1]), int(level[2])) if level
+                                                       else (0.0, math.inf, 0))
+        self._recent.load(level[3] if level else [])
 

@@ -15,7 +15,8 @@ import torch
 
 from diffold.batch import Batch
 from diffold.diffusion import weighted_mean
-from diffold.health import sync_flag
+from diffold.health import WeightCheck
+from diffold.recovery import sync_flag
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class StepResult:
     grad_norm: float            # PRE-clip global gradient norm
     skipped: bool               # optimizer/scheduler/EMA not updated (non-finite)
     oom_retries: int            # OOM recoveries during this step
+    weights: WeightCheck | None = None  # state after the update (None when skipped)
 
 
 def split_batches(batches: list[Batch], parts: int, total: int | None = None) -> list[Batch]:
@@ -65,6 +67,7 @@ class Stepper:
         self.sync_oom = cfg.health.oom_recovery and acc.num_processes > 1
         self.multiplier = 1
         self.unwrapped = acc.unwrap_model(model)  # once: unwrap_model costs ~1-2 ms per call
+        self.last_norm: float | None = None  # weight norm after the previous update
 
     def set_multiplier(self, multiplier: int) -> None:
         self.multiplier = multiplier
@@ -165,15 +168,43 @@ class Stepper:
                 if self.acc.sync_gradients:
                     self._inject_grad_faults(global_step)
                     grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.max_norm)
-        loss, terms, grad_norm = self.stats.end_step(grad_norm)  # the one host sync of the step
-        bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        loss, terms, grad_norm = self.stats.end_step(grad_norm)  # host sync 1: the step's numbers
+        # a non-finite loss/gradient, or a loss above the user's cap, is not applied (the monitor reports it)
+        bad = not (math.isfinite(loss) and math.isfinite(grad_norm)) or loss > self.cfg.health.loss_cap
         skip = sync_flag(self.acc, bad) and self.cfg.health.skip_nonfinite
+        weights = None
         if not skip:
+            if self.last_norm is None:  # first update of the run or after a rollback: the norm before it
+                self.last_norm = float(self._param_norm())
             self.optimizer.step()
             self.scheduler.step()
-            self.ema.update(self.unwrapped)
+            weights = self.check_weights()  # host sync 2: never run a forward on broken weights
+            if weights.finite and weights.growth <= self.cfg.health.weight_growth_max:
+                self.ema.update(self.unwrapped)  # a broken update is rolled back, never averaged in
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss, terms, grad_norm, skip, oom_retries)
+        return StepResult(loss, terms, grad_norm, skip, oom_retries, weights)
+
+    def check_weights(self) -> WeightCheck:
+        """Weights (and optimizer state) finite, their norm, and its growth over the last update."""
+        state = [t for st in self.optimizer.state.values() for t in st.values()
+                 if torch.is_tensor(t) and t.is_floating_point() and t.dim() > 0]
+        p_norm = self._param_norm()
+        s_norm = torch.stack(torch._foreach_norm(state)).float().sum() if state else p_norm.new_zeros(())
+        norm, state_sum = torch.stack([p_norm, s_norm]).tolist()
+        finite = math.isfinite(norm) and math.isfinite(state_sum)
+        growth = norm / self.last_norm if finite and self.last_norm and self.last_norm > 0 else 1.0
+        if finite:
+            self.last_norm = norm
+        return WeightCheck(finite, norm, growth)
+
+    def _param_norm(self) -> torch.Tensor:
+        """Global L2 norm of the parameters (a 0-dim tensor; one fused foreach pass)."""
+        params = [p.detach() for p in self.model.parameters()]
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(params)).float())
+
+    def forget_weights(self) -> None:
+        """After a rollback the next growth is measured from the restored weights."""
+        self.last_norm = None
 
 
 class LossStats:

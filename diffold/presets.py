@@ -1,7 +1,8 @@
 """Presets: overlays of dotted keys applied after the YAML file (see README, Presets)."""
 
 PRESETS: dict[str, dict[str, object]] = {
-    # Sensible defaults: health checks on, skip non-finite steps, roll back after 3 bad steps.
+    # Sensible defaults: health checks on, skip non-finite steps, roll back after 3 bad steps, on a
+    # confirmed spike / a loss held above health.loss_cap, and at once on non-finite or exploded weights.
     "balanced": {},
     # Throughput first: bf16, torch.compile, rarer logging and checkpoints, lighter checks.
     "performance": {

@@ -29,8 +29,36 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainState":
+        """A TrainState from its JSON form; ValueError naming the first key of the wrong type."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for key, value in known.items():
+            want = _TYPES.get(key)
+            if want is not None and not _fits(value, want):
+                raise ValueError(f"key '{key}' must be {want}, got {str(value)[:40]!r}")
         return cls(**known)
+
+
+_TYPES = {"global_step": "count", "epoch": "count", "batch_in_epoch": "count", "samples_seen": "count",
+          "bad_validations": "count", "num_processes": "count", "accumulation_multiplier": "count",
+          "lr_scale": "number", "best_value": "number|null", "es_best": "number|null", "best_step": "count|null",
+          "loss_history": "list", "last_val": "dict", "health": "dict", "recovery": "dict",
+          "wandb_run_id": "str|null"}
+
+
+def _fits(value, want: str) -> bool:
+    """value matches one of the '|'-separated kinds: count (int >= 0), number, list, dict, str, null."""
+    for kind in want.split("|"):
+        if kind == "null" and value is None:
+            return True
+        if kind == "count" and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return True
+        if kind == "number" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if kind in ("list", "dict", "str") and isinstance(value, {"list": list, "dict": dict, "str": str}[kind]):
+            return True
+    return False
 
 
 

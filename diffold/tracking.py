@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from diffold.checkpoint import write_json_atomic
+from diffold.atomic import write_json_atomic
 
 log = logging.getLogger("diffold")
 
@@ -30,6 +30,19 @@ class _RankFilter(logging.Filter):
         return True
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Console lines go through tqdm.write: with a progress bar on screen, a log line gets its own
+    line instead of being glued to the bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging's own contract: a handler never raises
+            self.handleError(record)
+
+
 def setup_logging(run_dir: Path, accelerator, level: str = "INFO") -> Path:
     """Main process: console + logs/training_<ts>.log at `level`; other ranks: WARNING+ to stderr."""
     rank = accelerator.process_index
@@ -37,7 +50,7 @@ def setup_logging(run_dir: Path, accelerator, level: str = "INFO") -> Path:
     for h in list(root.handlers):
         root.removeHandler(h)
     fmt = logging.Formatter("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    console = logging.StreamHandler(sys.stderr)
+    console = _ConsoleHandler(sys.stderr)
     console.setFormatter(fmt)
     console.addFilter(_RankFilter(rank))
     handlers: list[logging.Handler] = [console]
@@ -134,11 +147,28 @@ class RunLog:
             return
         self._append("metrics.jsonl", {"event": event, "time": time.time(), "step": step, "epoch": epoch, **scalars})
         if self.trackers_ok and event in ("train", "val"):
-            values = {k: v for k, v in scalars.items() if isinstance(v, (int, float))}
-            values["train/global_step"] = step
+            values = {tracker_key(event, k): v for k, v in scalars.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool)}
             for tracker in self.acc.trackers:
-                # W&B keys on train/global_step (re-logged steps after a resume are not dropped)
-                tracker.log(values, **({} if tracker.name == "wandb" else {"step": step}))
+                if tracker.name == "wandb":  # W&B keys on train/global_step (re-logged steps after a resume are kept)
+                    tracker.log({**values, "train/global_step": step})
+                else:
+                    tracker.log(values, step=step)
+
+    def failed_start(self, reason: str, report: Any = None, status: str = "failed", exit_code: int = 2) -> None:
+        """A start that did not reach training still leaves its trace: data_report.json (when there is one),
+        the error in the log, an `end` event with the reason, and a heartbeat that is not 'running'."""
+        if not self.main:
+            return
+        if report is not None:
+            try:
+                write_json_atomic(self.dir / "data_report.json", report.to_dict())
+            except OSError as e:
+                self._dropped("data_report.json", e)
+        log.error("run did not start (%s): %s", status, reason)
+        self._append("metrics.jsonl", {"event": "end", "time": time.time(), "step": 0, "epoch": 0, "status": status,
+                                       "reason": reason, "exit_code": exit_code})
+        self.heartbeat(0, 0, "start", status)
 
     def health_event(self, event: dict) -> None:
         """health.jsonl + log line + W&B alert for critical events."""
@@ -147,6 +177,7 @@ class RunLog:
         self._append("health.jsonl", event)
         text = f"[health step {event['step']}] {event['check']}: {event['message']} -> {event['suggestion']}"
         (log.error if event["status"] == "critical" else log.warning)(text)
+        self._tensorboard_text(event, text)
         if self.wandb_run is not None and event["status"] == "critical":
             try:
                 import wandb
@@ -154,6 +185,18 @@ class RunLog:
                 self.wandb_run.alert(title=f"diffold: {event['check']}", text=text, level=wandb.AlertLevel.ERROR)
             except Exception as e:  # an alert must never stop training
                 log.warning("W&B alert failed (%s)", e)
+
+    def _tensorboard_text(self, event: dict, text: str) -> None:
+        """Health events as text in TensorBoard (tab TEXT, tag health/events), next to the scalars."""
+        if not self.trackers_ok:
+            return
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                try:
+                    tracker.writer.add_text("health/events", f"**{event['status']}** ({event.get('action', 'none')}): "
+                                            f"{text}", global_step=int(event["step"]))
+                except (OSError, AttributeError, ValueError) as e:  # a full disk must not stop training
+                    self._dropped("tensorboard", OSError(str(e)))
 
     def log_structures(self, step: int, paths: list[Path]) -> int:
         """Sampled validation structures to the W&B run page (`val/samples` 3D panel); returns how many."""
@@ -195,6 +238,16 @@ class RunLog:
             self.acc.end_training()
         except Exception as e:  # closing an offline W&B run can fail on a full disk; data is in jsonl
             log.warning("closing trackers failed (%s)", e)
+
+
+def tracker_key(event: str, key: str) -> str:
+    """Every tracker tag in a group: ungrouped train keys go to train/, ungrouped val keys to val/
+    (metrics.jsonl keeps the plain names the monitor reads)."""
+    if "/" in key:
+        return key
+    if key in ("samples_per_s", "residues_per_s"):
+        return f"speed/{key}"
+    return f"{'val' if event == 'val' else 'train'}/{key}"
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -84,7 +84,8 @@ def test_loss_above_cap_is_critical():
     feed(mon, noisy(20))
     window = mon.state_dict()["loss"]["values"]
     rep = mon.update(20, {"total": 150.0}, 1.0, 1e-4)
-    assert rep.overall_status == "critical" and not rep.bad_step and not rep.spike_confirmed  # finite: applied
+    # above the user's cap: a bad step (its update is not applied), not yet a confirmed spike
+    assert rep.overall_status == "critical" and rep.bad_step and not rep.spike_confirmed
     assert rep.events[0].check == "loss_explosion" and "health.loss_cap" in rep.suggestions[0]
     assert mon.update(21, {"total": 150.0}, 1.0, 1e-4).spike_confirmed  # two in a row: a confirmed spike
     assert mon.state_dict()["loss"]["values"] == window

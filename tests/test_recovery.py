@@ -128,10 +128,15 @@ def of_type(recs: list, kind: str) -> list:
 
 
 def numeric_keys(run: Path) -> set[str]:
-    """Scalar keys of train/val events in metrics.jsonl: what every tracker must also receive."""
+    """Scalar keys of train/val events in metrics.jsonl, under the grouped tag every tracker must receive
+    them as (train/lr, val/best_step, speed/samples_per_s, ...: no ungrouped tag)."""
+    from diffold.tracking import tracker_key
+
     keys = set()
     for r in records(run, "train") + records(run, "val"):
-        keys |= {k for k, v in r.items() if isinstance(v, (int, float)) and k not in ("time", "step", "epoch")}
+        keys |= {tracker_key(r["event"], k) for k, v in r.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("time", "step", "epoch")}
+    assert all("/" in k for k in keys)
     return keys
 
 
@@ -287,7 +292,7 @@ def test_wandb_offline_run_has_health_scalars_alert_and_structures(tracked):
     rows = wandb_history(recs)
     keys = set().union(*rows)
     for key in ("health/status", "health/grad_norm_preclip", "health/skipped_steps", "health/rollbacks",
-                "health/oom_retries", "health/loss_zscore", "train/global_step", "lr", "val/loss"):
+                "health/oom_retries", "health/loss_zscore", "train/global_step", "train/lr", "val/loss"):
         assert key in keys, key
     assert any(k.startswith("loss_bin/") for k in keys)
     assert numeric_keys(run) <= keys  # every scalar of metrics.jsonl reached W&B
@@ -315,6 +320,14 @@ def test_tensorboard_has_the_same_scalars(tracked):
     tags = set(acc.Tags()["scalars"])
     assert numeric_keys(run) <= tags
     assert {"health/status", "health/grad_norm_preclip", "health/skipped_steps"} <= tags
+    assert all("/" in t for t in tags) and "train/global_step" not in tags  # every card in a group
+    # health events as text next to the scalars: the NaN step's events are readable in TensorBoard
+    texts = [t for t in acc.Tags()["tensors"] if t.startswith("health/events")]
+    assert texts, acc.Tags()["tensors"]
+    from tensorboard.util import tensor_util
+
+    events = [(e.step, tensor_util.make_ndarray(e.tensor_proto).item().decode()) for e in acc.Tensors(texts[0])]
+    assert any(step == 5 and "nonfinite_loss" in text and "(skip)" in text for step, text in events), events
     assert any(t.startswith("loss_bin/") for t in tags)
     skipped = {e.step: e.value for e in acc.Scalars("health/skipped_steps")}
     assert [skipped[s] for s in range(1, STEPS + 1)] == [0] * 4 + [1] * 8  # both parts, keyed by step

@@ -44,7 +44,7 @@ def test_full_disk_loses_records_with_a_counted_warning_and_recovers(tmp_path, m
         return real_open(path, *a, **k)
 
     monkeypatch.setattr(tracking, "open", enospc_open, raising=False)
-    monkeypatch.setattr("diffold.checkpoint.open", enospc_open, raising=False)
+    monkeypatch.setattr("diffold.atomic.open", enospc_open, raising=False)
     with caplog.at_level(logging.WARNING, logger=tracking.log.name):
         for step in range(1, 151):
             rl.log("train", step, 0, {"train/loss": 1.0})

@@ -35,7 +35,7 @@ def test_output_dir_below_a_regular_file_is_one_line_error(runs, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     r = runs.run([*runs.args(), "--output_dir", str(blocker / "run")])
-    assert_one_line_error(r, f"cannot create {blocker / 'run' / 'checkpoints'}", "choose a writable --output_dir")
+    assert_one_line_error(r, f"cannot write the run directory {blocker / 'run'}", "choose a writable --output_dir")
     assert blocker.read_text() == "not a directory"
 
 
