@@ -313,6 +313,9 @@ def _train(cfg: Config, start: Start, guard: PreemptionGuard, resume: str | None
                                                        "rank_param_checksums_equal": same,
                                                        "lost_log_records": runlog.dropped_writes})
     runlog.heartbeat(state.global_step, state.epoch, "done", status)
+    if EXIT_CODES[status] != 0:  # the 3 a.m. message: what happened and the command that continues
+        runlog.alert(f"diffold: run {run_dir.name} {status}", f"{reason} (step {state.global_step}). "
+                     f"Resume: {runlog.resume_command}")
     runlog.finish()
     if run.progress is not None:
         run.progress.close()

@@ -178,13 +178,19 @@ class RunLog:
         text = f"[health step {event['step']}] {event['check']}: {event['message']} -> {event['suggestion']}"
         (log.error if event["status"] == "critical" else log.warning)(text)
         self._tensorboard_text(event, text)
-        if self.wandb_run is not None and event["status"] == "critical":
-            try:
-                import wandb
+        if event["status"] == "critical":
+            self.alert(f"diffold: {event['check']}", text)
 
-                self.wandb_run.alert(title=f"diffold: {event['check']}", text=text, level=wandb.AlertLevel.ERROR)
-            except Exception as e:  # an alert must never stop training
-                log.warning("W&B alert failed (%s)", e)
+    def alert(self, title: str, text: str) -> None:
+        """A W&B alert (e-mail/Slack where the user configured them); never stops training."""
+        if self.wandb_run is None:
+            return
+        try:
+            import wandb
+
+            self.wandb_run.alert(title=title, text=text, level=wandb.AlertLevel.ERROR)
+        except Exception as e:  # W&B raises many types; an alert must never stop training
+            log.warning("W&B alert failed (%s)", e)
 
     def _tensorboard_text(self, event: dict, text: str) -> None:
         """Health events as text in TensorBoard (tab TEXT, tag health/events), next to the scalars."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -15,7 +16,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 from synthetic import ENV, ROOT, assert_bit_identical, final_state, write_helices
 
@@ -155,3 +158,31 @@ def helpers() -> SimpleNamespace:
         ROOT=ROOT, ENV=ENV, final_state=final_state, assert_bit_identical=assert_bit_identical, manager=manager,
         auto_pick=auto_pick, assert_every_valid_checkpoint_loads=assert_every_valid_checkpoint_loads,
         events=events, heartbeat=heartbeat, kill=kill, wait_for=wait_for, write_helices=write_helices)
+
+
+@pytest.fixture(scope="module")
+def loader(reference):
+    """An in-process Accelerator with the reference run's model/optimizer/scheduler prepared, to call
+    CheckpointManager.load exactly as train_full.py does (cheaper than a launch per payload)."""
+    from accelerate import Accelerator
+
+    from diffold.config import config_from_dict
+    from diffold.ema import EMA
+    from diffold.model import build_model
+    from diffold.optim import build_optimizer, build_scheduler
+    from diffold.tasks import get_task
+
+    meta = json.loads((reference / "checkpoints" / "step_000000012" / "meta.json").read_text())
+    cfg = config_from_dict(meta["config"])
+    acc = Accelerator(step_scheduler_with_optimizer=False)
+    model = build_model(cfg, num_atoms=len(get_task(cfg.task).resolve_atoms(cfg.data.atoms)))
+    ema = EMA(model, cfg.training.ema_decay)
+    optimizer = build_optimizer(model, cfg.training.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.training.scheduler, 12, cfg.training.optimizer.lr)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    yield acc, ema
+    acc.free_memory()
+    random.setstate(rng[0])  # load_state restored the checkpoint's RNG into this test process
+    np.random.set_state(rng[1])
+    torch.set_rng_state(rng[2])

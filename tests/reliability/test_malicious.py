@@ -5,44 +5,14 @@ loading stands between the file and code execution. The marker must never appear
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-
-
-class Payload:
-    """Unpickling this runs `touch <marker>`."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def write_payload(path: Path, marker: Path, wrap: str) -> None:
-    """A torch.save file whose object graph hides the payload where the real file keeps its data."""
-    obj = {"optimizer": {"state": {0: {"exp_avg": Payload(marker)}}, "param_groups": []},
-           "scheduler": {"last_epoch": Payload(marker)},
-           "rng": {"random_state": Payload(marker), "torch_manual_seed": torch.get_rng_state()},
-           "weights": {"w": torch.zeros(2), "x": Payload(marker)}}[wrap]
-    torch.save(obj, path)
-
-
-def rechecksum(ckpt: Path) -> None:
-    meta = json.loads((ckpt / "meta.json").read_text())
-    for name in meta["files"]:
-        meta["files"][name] = hashlib.sha256((ckpt / name).read_bytes()).hexdigest()
-    (ckpt / "meta.json").write_text(json.dumps(meta))
+from tamper import rechecksum, write_payload
 
 
 def test_the_payload_is_live(tmp_path):
@@ -73,34 +43,6 @@ def test_feature_files_with_code_are_reported_not_run(tmp_path):
     write_payload(tmp_path / "c0_A.pt", marker, "weights")
     assert _feature_problem(tmp_path, "c0_A", 30).startswith("bad feature file: ")
     assert not marker.exists()
-
-
-@pytest.fixture(scope="module")
-def loader(reference):
-    """An in-process Accelerator with the reference run's model/optimizer/scheduler prepared, to call
-    CheckpointManager.load exactly as train_full.py does (cheaper than a launch per payload)."""
-    from accelerate import Accelerator
-
-    from diffold.config import config_from_dict
-    from diffold.ema import EMA
-    from diffold.model import build_model
-    from diffold.optim import build_optimizer, build_scheduler
-    from diffold.tasks import get_task
-
-    meta = json.loads((reference / "checkpoints" / "step_000000012" / "meta.json").read_text())
-    cfg = config_from_dict(meta["config"])
-    acc = Accelerator(step_scheduler_with_optimizer=False)
-    model = build_model(cfg, num_atoms=len(get_task(cfg.task).resolve_atoms(cfg.data.atoms)))
-    ema = EMA(model, cfg.training.ema_decay)
-    optimizer = build_optimizer(model, cfg.training.optimizer)
-    scheduler = build_scheduler(optimizer, cfg.training.scheduler, 12, cfg.training.optimizer.lr)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    yield acc, ema
-    acc.free_memory()
-    random.setstate(rng[0])  # load_state restored the checkpoint's RNG into this test process
-    np.random.set_state(rng[1])
-    torch.set_rng_state(rng[2])
 
 
 # which file gets the payload, and how it is wrapped
