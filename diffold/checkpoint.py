@@ -176,9 +176,12 @@ class CheckpointManager:
 
     def explicit(self, spec: str) -> Path:
         """The directory an explicit --resume latest|best|PATH names; CheckpointError if there is none."""
+        link = self.dir / "latest"
+        if spec == "latest" and not link.is_symlink() and not link.exists():
+            raise CheckpointError(f"--resume latest: no checkpoint at {link}; use --resume auto to pick the newest "
+                                  "valid one (or start fresh)")
         try:
-            path = (self.dir / "latest").resolve(strict=True) if spec == "latest" else \
-                self.dir / "best" if spec == "best" else Path(spec)
+            path = link.resolve(strict=True) if spec == "latest" else self.dir / "best" if spec == "best" else Path(spec)
             is_dir = path.is_dir()
         except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
             raise CheckpointError(f"--resume {spec}: {self.dir / 'latest'} cannot be followed "

@@ -62,9 +62,10 @@ def _first_index(numbers: np.ndarray, present: np.ndarray) -> tuple[dict[int, in
 def load_pair(pred_path: str, ref_path: str, atom: Optional[str] = None, chain: Optional[str] = None) -> Pair:
     """Parse both files and match residues by residue number (first occurrence of a repeated number)."""
     p, r = _pick_chain(pred_path, atom, chain), _pick_chain(ref_path, atom, chain)
+    if p.kind != r.kind:  # nothing to compare: say so instead of "0 atoms matched"
+        raise ValueError(f"{pred_path} chain {p.chain_name} is {p.kind} but {ref_path} chain {r.chain_name} is "
+                         f"{r.kind}: compare two structures of the same molecule (pick chains with --chain)")
     notes = []
-    if p.kind != r.kind:
-        notes.append(f"pred chain is {p.kind} but ref chain is {r.kind}")
     ref_index, ref_rep = _first_index(r.residue_numbers, r.mask[:, 0])
     pred_index, pred_rep = _first_index(p.residue_numbers, p.mask[:, 0])
     for name, rep in (("ref", ref_rep), ("pred", pred_rep)):
