@@ -299,3 +299,11 @@ def test_train_full_rejects_before_anything_starts(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: checkpoint.save_every_steps=0"), r.stderr
     assert "allowed: 1 <= value" in lines[0] and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def test_preset_values_are_checked_and_named(monkeypatch):
+    from diffold import presets
+
+    monkeypatch.setitem(presets.PRESETS, "broken", {"checkpoint.keep_last_n": 0})
+    with pytest.raises(ConfigError, match=r"checkpoint.keep_last_n=0 \(preset broken\) is out of range"):
+        load_config(preset="broken", env={})
