@@ -5,7 +5,8 @@
     python monitor_training.py --output_dir outputs/my_run --mode plot [--save_plot curves.png]
 
 Never imports torch (works on a login node next to a running job); matplotlib only for plots.
-Exit codes: 0 ok; 2 bad input (one line on stderr) or, for status/plot, no metrics logged yet.
+Exit codes: 0 ok; 2 bad input (one line on stderr), or nothing logged yet (status of a run that has not
+logged its first step and has not ended; plot of a run without a training step).
 """
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from diffold.runinfo import ENDED, NO_METRICS, RunData, RunDirError, fmt_duration, load_run, num, summarize
+from diffold.runinfo import RunData, RunDirError, fmt_duration, load_run, num
+from diffold.runstatus import ENDED, ENDED_EARLY, NO_METRICS, summarize
 
-STATE_STYLE = {"alive": "bold green", "finished": "bold cyan", "early_stopped": "bold cyan",
-               "gave_up": "bold red", "crashed": "bold red", "stalled": "bold yellow"}
-HEALTH_STYLE = {"healthy": "green", "warning": "yellow", "critical": "bold red"}
+STATE_STYLE = {"alive": "bold green", "finished": "bold cyan", "early_stopped": "bold cyan", "max_steps": "bold cyan",
+               "finished_unhealthy": "bold red", "gave_up": "bold red", "failed": "bold red",
+               "interrupted": "bold magenta", "crashed": "bold red", "stalled": "bold yellow"}
+HEALTH_STYLE = {"healthy": "green", "warning": "yellow", "critical": "bold red", "unknown": "dim"}
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", "")  # no suffix -> PNG
 
 
@@ -51,7 +54,11 @@ def _kv(d: dict | None, items: list[tuple[str, str, str]]) -> str:
 
 def _section_rows(s: dict) -> list[tuple[str, Text | str]]:
     rows: list[tuple[str, Text | str]] = [("Run", f"{s['run_name']}  ({s['run_dir']})")]
-    rows.append(("State", Text.assemble((s["state"].upper(), STATE_STYLE.get(s["state"], "")), "  " + s["state_reason"])))
+    style = STATE_STYLE.get(s["state"], "")
+    reason_style = style if s["state"] in ("failed", "finished_unhealthy", "gave_up", "crashed") else ""
+    rows.append(("State", Text.assemble((s["state"].upper(), style), "  ", (s["state_reason"], reason_style))))
+    if s["state"] in ("interrupted", "crashed", "gave_up", "stalled"):  # what to type next, right under the state
+        rows.append(("Resume with", Text(s["resume_command"], style="bold")))
     prog = f"epoch {_g(s['epoch'])}/{_g(s['num_epochs'])}  step {_g(s['step'])}/{_g(s['total_steps'])}"
     if s["progress"] is not None:
         prog += f" ({s['progress']:.1%})"
@@ -60,7 +67,8 @@ def _section_rows(s: dict) -> list[tuple[str, Text | str]]:
     if s["eta_s"] is not None:
         prog += f"  ETA {fmt_duration(s['eta_s'])}"
     if s["restarts"]:
-        prog += f"  (resumed {s['restarts']}x, last from {s['resumed_from']})"
+        times = f"{s['restarts']}x" if s["restarts_complete"] else f">= {s['restarts']}x"
+        prog += f"  (resumed {times}" + (f", last from {s['resumed_from']})" if s["resumed_from"] else ")")
     rows.append(("Progress", prog))
     t = s["train"] or {}
     parts = [f"{k.removeprefix('loss/')} {_g(v)}" for k, v in t.items() if k.startswith("loss/") and k != "loss/total"]
@@ -69,8 +77,16 @@ def _section_rows(s: dict) -> list[tuple[str, Text | str]]:
                  if t else "—"))
     v = s["val"]
     rows.append(("Validation", _kv(v, [("val/loss", "loss", ".4g"), ("val/rmsd", "RMSD/Å", ".3g"), ("val/tm", "TM", ".3f"),
-                                     ("val/gdt_ts", "GDT-TS", ".3f"), ("val/lddt", "lDDT", ".3f")])
+                                     ("val/gdt_ts", "GDT-TS", ".3f"), ("val/lddt", "lDDT", ".3f"),
+                                     ("val/bond_length_error", "bond-length error/Å", ".3g")])
                  + f"  @ step {_g(v.get('step'))}" if v else "—"))
+    if s["baseline"]:
+        b = s["baseline"]
+        per = "  ".join(f"{r['label']} {_g(r['model'], '.3g')} vs {_g(r['best_baseline'], '.3g')}"
+                        + (f" ({r['best_baseline_name'].replace('_', '-')})" if r["best_baseline_name"] else "")
+                        for r in b["metrics"].values())
+        rows.append(("Baselines", Text.assemble(("model " + b["verdict"], "bold green" if b["beats_all"] else "bold yellow"),
+                                                f"   [model vs best baseline: {per}]")))
     b = s["best"]
     if b["metric"]:
         ck = f"checkpoints/best @ step {_g(b['checkpoint']['step'])}" if b["checkpoint"] else "no best checkpoint yet"
@@ -81,17 +97,20 @@ def _section_rows(s: dict) -> list[tuple[str, Text | str]]:
     h = s["health"]
     last = h["latest"][-1] if h["latest"] else None
     since = f" (last: {last['check']} at step {_g(last['step'])})" if last else ""
-    rows.append(("Health", Text.assemble((h["status"].upper(), HEALTH_STYLE.get(h["status"], "")),
-                                         f" at the latest step; since start {_n(h['warnings'], 'warning')}, "
-                                         f"{h['critical']} critical{since}; skipped steps {h['skipped_steps']}, "
-                                         f"rollbacks {h['rollbacks']}, OOM retries {h['oom_retries']}")))
+    scope = "since start" if h["counts_complete"] else "in the newest part of health.jsonl"
+    rows.append(("Health", Text.assemble((h["status"].upper(), HEALTH_STYLE.get(h["status"], "")), " " + h["words"])))
+    rows.append(("Events", f"{scope}: {_n(h['warnings'], 'warning')}, {h['critical']} critical{since}; "
+                           f"skipped steps {h['skipped_steps']}, rollbacks {h['rollbacks']}, "
+                           f"OOM retries {h['oom_retries']}"))
     for name, d in ((s["data"] or {}).get("splits") or {}).items():
         kinds = ", ".join(f"{k} {n}" for k, n in (d.get("by_kind") or {}).items())
         skipped = ", ".join(f"{r} {n}" for r, n in (d.get("skipped") or {}).items())
         rows.append((f"Data {name}", f"{_g(d.get('chains_used'))} chains" + (f" ({kinds})" if kinds else "")
                      + f" from {_g(d.get('files_seen'))} files; skipped {d['skipped_total']}"
                      + (f" ({skipped})" if skipped else "") + f"; cropped {_g(d.get('cropped'))}"))
-    rows.append(("Resume", s["resume_command"]))
+    trained = s["step"] or any(c["valid"] for c in s["checkpoints"])
+    if s["state"] not in ("interrupted", "crashed", "gave_up", "stalled") and (trained or s["state"] not in ENDED):
+        rows.append(("Resume", s["resume_command"]))  # nothing to resume after a failed start-up
     if s["last_log_line"]:
         rows.append(("Last log", s["last_log_line"]))
     for note in s["notes"]:
@@ -227,11 +246,11 @@ def main(argv: list[str] | None = None) -> int:
             return monitor(args, console)
         run = load_run(args.output_dir)
         s = summarize(run)
-        no_metrics = NO_METRICS in s["notes"]
+        no_metrics = NO_METRICS in s["notes"]  # still running, nothing logged yet (an ended run: status is final)
         if args.mode == "status":
             _emit(console, s, args.json)
-        elif no_metrics:
-            raise RunDirError(f"{NO_METRICS} (nothing to plot yet)")
+        elif no_metrics or ENDED_EARLY in s["notes"]:
+            raise RunDirError(f"{NO_METRICS if no_metrics else ENDED_EARLY} (nothing to plot)")
         else:
             for note in s["notes"]:
                 print(f"note: {note}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Typed, validated, frozen run configuration.
 
 Loading order (later wins): dataclass defaults < YAML file < --preset overlay
-< environment (DIFFOLD_<SECTION>__<KEY>=value) < dotted CLI overrides (a.b.c=value).
+< environment (DIFFOLD_<SECTION>__<KEY>=value, DIFFOLD_TASK) < dotted CLI overrides (a.b.c=value).
 Every error is a one-line ConfigError naming the key, where it came from and the closest valid key.
 """
 from __future__ import annotations
@@ -22,6 +22,9 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration problem, reported as one line that says what to change."""
+
+
+BOOL_WORDS = {False: ("no", "off", "false", "n"), True: ("yes", "on", "true", "y")}  # what YAML 1.1 reads as a bool
 
 
 # --------------------------------------------------------------------------- schema
@@ -285,8 +288,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key, source)
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 read no/off/yes/on as a boolean: map it back where the enum has it
+            words = [a for a in args if str(a).lower() in BOOL_WORDS[value]]
+            if len(words) == 1:
+                return words[0]
         if value not in args:
-            raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}")
+            hint = " (YAML reads no/off/yes/on as booleans: quote the word)" if isinstance(value, bool) else ""
+            raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}{hint}")
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -315,7 +323,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, str):
             return value
     type_name = getattr(tp, "__name__", str(tp))
-    raise ConfigError(f"{source}: '{key}' must be {type_name}, got {value!r}")
+    hint = " (YAML read it as a boolean or number: quote it)" if tp is str and isinstance(value, (bool, int, float)) else ""
+    raise ConfigError(f"{source}: '{key}' must be {type_name}, got {value!r}{hint}")
 
 
 def _build(cls: type, tree: dict, sources: dict[str, str], prefix: str = "") -> Any:
@@ -335,19 +344,32 @@ def _build(cls: type, tree: dict, sources: dict[str, str], prefix: str = "") -> 
 
 
 # --------------------------------------------------------------------------- loading
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (pass an existing YAML, e.g. configs/smoke.yaml)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurdly deep nesting
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path}: not valid YAML ({first}); safe YAML only, no !!python tags") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
-    return data
+@functools.lru_cache(maxsize=None)
+def key_types() -> dict[str, Any]:
+    """Dotted leaf key -> its annotation."""
+    def walk(cls: type, prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f, tp in _fields(cls):
+            out.update(walk(tp, prefix + f.name + ".") if _is_section(tp) else {prefix + f.name: tp})
+        return out
+    return walk(Config, "")
+
+
+def _wants_text(tp: Any) -> bool:
+    """A text key (str, or a Literal of strings, possibly Optional)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        tp = args[0]
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    return tp is str
+
+
+def _as_written(key: str, value: Any, raw: str | None) -> Any:
+    """The user's own text for a text key that YAML 1.1 turned into a bool or number (no -> 'no')."""
+    if raw is not None and isinstance(value, (bool, int, float)) and _wants_text(key_types().get(key)):
+        return raw.strip()
+    return value
 
 
 def _parse_value(text: str) -> Any:
@@ -363,7 +385,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not key=value (e.g. training.optimizer.lr=3e-4)")
     key, text = item.split("=", 1)
-    return key.strip(), _parse_value(text)
+    key = key.strip()
+    return key, _as_written(key, _parse_value(text), text)
 
 
 def load_config(
@@ -373,6 +396,7 @@ def load_config(
     env: dict[str, str] | None = None,
 ) -> Config:
     """Resolve defaults < YAML < preset < env < overrides into a validated, frozen Config."""
+    from diffold.config_yaml import YamlError, read_yaml
     from diffold.presets import PRESETS
 
     tree: dict = {}
@@ -387,22 +411,31 @@ def load_config(
     yaml_preset = None
     if path is not None:
         p = Path(path)
-        data = _read_yaml(p)
-        yaml_preset = data.pop("preset", None)  # a YAML may name its preset; --preset wins
-        for key, value in flatten(data).items():
-            apply(key, value, str(p))
+        try:
+            doc = read_yaml(p)
+        except YamlError as e:
+            raise ConfigError(str(e)) from None
+        yaml_preset = doc.data.pop("preset", None)  # a YAML may name its preset; --preset wins
+        for key, value in flatten(doc.data).items():
+            line = doc.lines.get(key) or doc.lines.get(key.rsplit(".", 1)[0])
+            apply(key, _as_written(key, value, doc.raw.get(key)), f"{p} line {line}" if line else str(p))
     preset = preset or yaml_preset or "balanced"
-    if preset not in PRESETS:
-        name = difflib.get_close_matches(preset, list(PRESETS), n=1)
+    if not isinstance(preset, str) or preset not in PRESETS:
+        name = difflib.get_close_matches(str(preset), list(PRESETS), n=1)
         hint = f" (did you mean '{name[0]}'?)" if name else ""
         raise ConfigError(f"unknown preset '{preset}'{hint}; choose from {sorted(PRESETS)}")
     for key, value in PRESETS[preset].items():
         apply(key, value, f"preset {preset}")
     env = os.environ if env is None else env
+    sections = {k.split(".")[0] for k in all_keys() if "." in k}
     for name, text in sorted(env.items()):
-        if name.startswith("DIFFOLD_") and "__" in name:
-            key = name[len("DIFFOLD_"):].lower().replace("__", ".")
-            apply(key, _parse_value(text), f"environment {name}")
+        key = name[len("DIFFOLD_"):].lower().replace("__", ".")
+        if not name.startswith("DIFFOLD_") or ("__" not in name and key not in all_keys()):
+            if name.startswith("DIFFOLD_") and key.split("_")[0] in sections:  # DIFFOLD_TRAINING_LR: one '_' short
+                raise ConfigError(f"environment {name}: separate section and key with a double underscore, "
+                                  f"e.g. DIFFOLD_TRAINING__OPTIMIZER__LR")
+            continue
+        apply(key, _as_written(key, _parse_value(text), text), f"environment {name}")
     for item in overrides:
         key, value = parse_override(item)
         apply(key, value, f"override '{item}'")
@@ -412,55 +445,26 @@ def load_config(
 
 
 def _finalize(cfg: Config, sources: dict[str, str]) -> Config:
-    """Resolve aliases and check cross-field rules."""
-    t, d = cfg.training, cfg.data
-    if t.batch_size is not None and d.batch_size is not None and t.batch_size != d.batch_size:
-        raise ConfigError(
-            f"training.batch_size={t.batch_size} ({sources.get('training.batch_size')}) and "
-            f"data.batch_size={d.batch_size} ({sources.get('data.batch_size')}) disagree; set only one"
-        )
-    bs = t.batch_size or d.batch_size or 4
-    cfg = dataclasses.replace(
-        cfg,
-        training=dataclasses.replace(t, batch_size=bs),
-        data=dataclasses.replace(d, batch_size=bs),
-    )
-    checks = [
-        (bs >= 1, "training.batch_size must be >= 1"),
-        (cfg.training.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps must be >= 1"),
-        (cfg.training.optimizer.lr > 0, "training.optimizer.lr must be > 0"),
-        (cfg.training.num_epochs >= 1, "training.num_epochs must be >= 1"),
-        (cfg.data.max_length >= 4, "data.max_length must be >= 4"),
-        (0 < cfg.training.ema_decay < 1, "training.ema_decay must be in (0, 1)"),
-        (cfg.model.top_k <= cfg.model.num_experts, "model.top_k must be <= model.num_experts"),
-        (0 < cfg.health.lr_backoff <= 1, "health.lr_backoff must be in (0, 1]"),
-        (cfg.training.log_every >= 1, "training.log_every must be >= 1"),
-        (all(x in ("wandb", "tensorboard") for x in cfg.logging.log_with),
-         "logging.log_with entries must be 'wandb' or 'tensorboard'"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
-    from diffold.faults import FaultInjector  # torch-free
+    """Check every key's range and the relations between keys (diffold.config_rules), then resolve aliases."""
+    from diffold.config_rules import find_problem
 
-    try:
-        FaultInjector.from_spec(cfg.health.inject_faults)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if cfg.data.use_predicted_structures and not cfg.model.structure_encoder.use_esmfold:
-        raise ConfigError(
-            "data.use_predicted_structures=true needs model.structure_encoder.use_esmfold=true "
-            "and model.structure_encoder.esmfold_path=DIR (a local ESMFold), or set it to false"
-        )
-    return cfg
+    problem = find_problem(cfg, all_keys(), lambda k: sources.get(k, "default"))
+    if problem:
+        raise ConfigError(problem)
+    t, d = cfg.training, cfg.data
+    bs = next((b for b in (t.batch_size, d.batch_size) if b is not None), 4)  # not `or`: 0 is a value, not unset
+    return dataclasses.replace(cfg, training=dataclasses.replace(t, batch_size=bs),
+                               data=dataclasses.replace(d, batch_size=bs))
 
 
 def config_from_dict(tree: dict, source: str = "checkpoint") -> Config:
     """Rebuild a Config from a plain dict (e.g. saved config.yaml); strict like load_config."""
-    for key in flatten(tree):
+    keys = flatten(tree)
+    for key in keys:
         if key not in all_keys():
             raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key)}")
-    return _finalize(_build(Config, tree, {}), {})
+    sources = {k: source for k in keys}
+    return _finalize(_build(Config, tree, sources), sources)
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -1,27 +1,44 @@
-"""Read and summarise a training run directory (docs/run_directory.md) without importing torch."""
+"""Read a training run directory (docs/run_directory.md) without importing torch, from the END of its files.
+
+Memory and time are bounded whatever the size of the run: metrics.jsonl is read backwards, at most
+SCAN_BUDGET bytes (every line of the last PARSE_BUDGET bytes is parsed; further back only start,
+val and end events); health.jsonl at most HEALTH_BUDGET bytes; every other file has a size cap.
+Every unusable file or line becomes one note in RunData.notes, never an exception or a hang.
+Interpreting what was read (state, health, baselines) is diffold.runstatus.
+"""
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
-import shlex
-import socket
-import statistics
-import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-STALL_FLOOR_S = 600.0   # a running heartbeat older than max(10 log intervals, this) is stale
-ENDED = ("finished", "early_stopped", "gave_up", "crashed")
-HEALTH_NAMES = {0: "healthy", 1: "warning", 2: "critical"}
-# end-event / heartbeat status -> monitor state ("max_steps" is a normal finish)
-_END_STATES = {"finished": "finished", "max_steps": "finished", "early_stopped": "early_stopped",
-               "gave_up": "gave_up", "failed": "crashed"}
-NO_METRICS = "no metrics yet — training has not logged its first step"
+from diffold.tailread import (
+    MAX_LINE,
+    BackwardLines,
+    Unreadable,
+    flat,
+    open_regular,
+    parse_record,
+    read_capped,
+)
+
+SCAN_BUDGET = 64 << 20     # bytes of metrics.jsonl read from its end, at most
+PARSE_BUDGET = 4 << 20     # ... of which every line is parsed (further back: start/val/end lines only)
+HEALTH_BUDGET = 4 << 20    # bytes of health.jsonl read from its end
+HEAD_BYTES = 256 << 10     # start of metrics.jsonl read for the first start event when the scan ends early
+TRAIN_WINDOW = 21          # train events since the last start kept (log interval, steps/s)
+MAX_MARKS = 100            # start/end events kept (all are counted)
+HEALTH_KEPT = 50           # newest health events kept
+MAX_CHECKPOINTS = 100      # checkpoint folders listed (newest steps kept)
+DOC_LIMITS = {"config.yaml": 1 << 20, "heartbeat.json": 1 << 20, "data_report.json": 16 << 20, "meta.json": 4 << 20}
+_WANTED = (b'"start"', b'"val"', b'"end"')
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class RunDirError(ValueError):
@@ -30,21 +47,24 @@ class RunDirError(ValueError):
 
 @dataclass
 class RunData:
-    """Everything read from one run directory (raw records, not yet summarised)."""
+    """What was read from one run directory (raw records, not yet summarised)."""
 
     path: Path
     config: dict
-    metrics: list[dict]
-    health: list[dict]
+    metrics: list[dict]             # the records kept from metrics.jsonl, in file order (see _scan_metrics)
+    health: list[dict]              # the newest health events, in file order
     heartbeat: dict | None
     data_report: dict | None
     checkpoints: list[dict]
     log_tail: list[str]
     last_activity: float            # newest mtime of the files the trainer writes
     notes: list[str]
+    health_counts: dict[str, int] = field(default_factory=lambda: {"warning": 0, "critical": 0})
+    start_count: int = 0            # start events seen in the part of metrics.jsonl read
+    complete: dict[str, bool] = field(default_factory=lambda: {"metrics": True, "health": True})
 
     def events(self, kind: str, since_start: bool = False) -> list[dict]:
-        """Metrics records of one event kind; since_start keeps those after the last (re)start."""
+        """Kept metrics records of one event kind; since_start keeps those after the last (re)start."""
         starts = [i for i, r in enumerate(self.metrics) if r.get("event") == "start"] if since_start else []
         return [r for r in self.metrics[max(starts, default=0):] if r.get("event") == kind]
 
@@ -53,12 +73,21 @@ def num(x: Any) -> float | None:
     """A finite float, or None for missing / non-numeric / NaN / inf values."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return None
-    return float(x) if math.isfinite(x) else None
+    try:
+        return float(x) if math.isfinite(x) else None
+    except OverflowError:  # an int with hundreds of digits
+        return None
 
 
-def _int(x: Any) -> int | None:
+def to_int(x: Any) -> int | None:
     v = num(x)
     return int(v) if v is not None else None
+
+
+def section(doc: Any, name: str) -> dict:
+    """doc[name] if both are mappings, else {} (a hostile config.yaml may hold `training: [1]`)."""
+    value = doc.get(name) if isinstance(doc, dict) else None
+    return value if isinstance(value, dict) else {}
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -68,233 +97,218 @@ def fmt_duration(seconds: float | None) -> str:
             else f"{s // 3600}h{s % 3600 // 60:02d}m" if s < 86400 else f"{s // 86400}d{s % 86400 // 3600:02d}h")
 
 
-# --------------------------------------------------------------------------- reading
-def read_jsonl(path: Path, required: str | None = None) -> tuple[list[dict], list[str]]:
-    """Parse a JSON-lines file into dict records plus notes about the lines it had to skip."""
-    lines = path.read_bytes().split(b"\n") if path.is_file() else []
-    records, bad, truncated = [], [], False
-    for i, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except ValueError:  # JSONDecodeError and UnicodeDecodeError both subclass it
-            rec = None
-        if isinstance(rec, dict) and (required is None or isinstance(rec.get(required), str)):
-            records.append(rec)
-        elif i == len(lines):  # no newline after it: the writer was killed (or is) mid-line
-            truncated = True
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
+
+
+# --------------------------------------------------------------------------- JSON lines, from the end
+class _Bad:
+    """Malformed lines met while reading backwards: a count and the earliest 5 (found last)."""
+
+    def __init__(self) -> None:
+        self.count, self.first = 0, deque(maxlen=5)
+
+    def add(self, index_from_end: int) -> None:
+        self.count += 1
+        self.first.append(index_from_end)
+
+
+def _line_notes(name: str, bad: _Bad, truncated: bool, lines: BackwardLines) -> list[str]:
+    notes = [f"ignored 1 truncated line at the end of {name}"] if truncated else []
+    if bad.count:
+        plural = "s" * (bad.count > 1)
+        if lines.complete:  # the whole file was read: line numbers are exact
+            nums = sorted(lines.total - i + 1 for i in bad.first)
+            shown = ", ".join(map(str, nums)) + (", ..." if bad.count > 5 else "")
+            notes.append(f"skipped {bad.count} malformed line{plural} in {name} (line {shown})")
         else:
-            bad.append(i)
-    notes = []
-    if truncated:
-        notes.append(f"ignored 1 truncated line at the end of {path.name}")
-    if bad:
-        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
-        notes.append(f"skipped {len(bad)} malformed line{'s' * (len(bad) > 1)} in {path.name} (line {shown})")
-    return records, notes
+            notes.append(f"skipped {bad.count} malformed line{plural} in the last {_mb(lines.read)} of {name}")
+    if lines.overlong:
+        notes.append(f"skipped {lines.overlong} line(s) longer than {_mb(MAX_LINE)} in {name}")
+    return notes
 
 
-def _read_doc(path: Path, notes: list[str]) -> dict | None:
-    """A JSON or YAML mapping, or None (missing); unreadable files become a note, not a crash."""
-    if not path.is_file():
-        return None
-    loader = json.loads if path.suffix == ".json" else yaml.safe_load
+def _scan_metrics(path: Path, notes: list[str]) -> tuple[list[dict], int, bool]:
+    """From the end of metrics.jsonl keep: the newest record, the newest val, the newest MAX_MARKS
+    start/end marks, and the newest TRAIN_WINDOW train events after the last start.
+    Returns (records in file order, start events seen, complete)."""
     try:
-        doc = loader(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError covers JSON and UTF-8 errors
-        doc = e
-    if not isinstance(doc, dict):
-        why = type(doc).__name__ if isinstance(doc, Exception) else "not a mapping"
-        notes.append(f"{path.name} unreadable ({why}); ignored")
-    return doc if isinstance(doc, dict) else None
+        f = open_regular(path)
+    except Unreadable as e:
+        if str(e) != "missing":
+            notes.append(f"{path.name} not read ({e})")
+        return [], 0, True
+    kept: list[tuple[float, dict]] = []
+    bad, truncated, trains, have_val, started, marks, starts = _Bad(), False, 0, False, False, 0, 0
+    with f:
+        lines = BackwardLines(f, SCAN_BUDGET)
+        for idx, raw, terminated in lines:
+            parse_all = lines.read <= PARSE_BUDGET and not (have_val and (started or trains >= TRAIN_WINDOW))
+            if not parse_all:
+                lines.want = (b'"start"',) if have_val else _WANTED  # further back only these are needed
+                if not any(w in raw for w in lines.want):
+                    continue
+            if not raw.strip():
+                continue
+            rec = parse_record(raw)
+            event = rec.get("event") if rec is not None else None
+            if not isinstance(event, str):
+                if not terminated:  # no newline after it: the writer was killed (or is) mid-line
+                    truncated = True
+                elif parse_all:
+                    bad.add(idx)
+                continue
+            keep = not kept  # the newest record: the run's position
+            if event == "train" and not started and trains < TRAIN_WINDOW:
+                keep, trains = True, trains + 1
+            elif event == "val" and not have_val:
+                keep = have_val = True
+            elif event in ("start", "end"):
+                keep, started, marks = marks < MAX_MARKS, started or event == "start", marks + 1
+                starts += event == "start"
+            if keep:
+                kept.append((idx, {"event": event, **flat(rec)}))
+        complete = lines.complete
+        if not complete and not started:  # a long run started before the scanned part: its first start event
+            f.seek(0)
+            head = f.read(HEAD_BYTES).split(b"\n")[:-1]
+            first = next((r for r in map(parse_record, head) if r and r.get("event") == "start"), None)
+            if first is not None:
+                kept.append((math.inf, {"event": "start", **flat(first)}))
+                starts += 1
+        notes += _line_notes(path.name, bad, truncated, lines)
+    return [rec for _, rec in sorted(kept, key=lambda t: -t[0])], starts, complete
 
 
-def list_checkpoints(ckpt_dir: Path) -> list[dict]:
+def _scan_health(path: Path, notes: list[str]) -> tuple[list[dict], dict[str, int], bool]:
+    """Newest HEALTH_KEPT events and the warning/critical counts of the part read (all of it if complete)."""
+    counts = {"warning": 0, "critical": 0}
+    try:
+        f = open_regular(path)
+    except Unreadable as e:
+        if str(e) != "missing":
+            notes.append(f"{path.name} not read ({e})")
+        return [], counts, True
+    events, bad, truncated = [], _Bad(), False
+    with f:
+        lines = BackwardLines(f, HEALTH_BUDGET)
+        for idx, raw, terminated in lines:
+            if not raw.strip():
+                continue
+            rec = parse_record(raw)
+            if rec is None:
+                if terminated:
+                    bad.add(idx)
+                else:
+                    truncated = True
+                continue
+            if isinstance(status := rec.get("status"), str) and status in counts:
+                counts[status] += 1
+            if len(events) < HEALTH_KEPT:
+                events.append(flat(rec))
+        notes += _line_notes(path.name, bad, truncated, lines)
+    return events[::-1], counts, lines.complete
+
+
+# --------------------------------------------------------------------------- small documents
+def read_doc(path: Path, notes: list[str]) -> dict | None:
+    """A JSON or YAML mapping of bounded size, or None (missing); anything unusable is a note."""
+    limit = DOC_LIMITS.get(path.name, 1 << 20)
+    try:
+        text = read_capped(path, limit).decode("utf-8")
+        doc = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Loader)  # noqa: S506 (safe loader)
+    except Unreadable as e:
+        if str(e) == "missing":
+            return None
+        why = str(e)
+    except (ValueError, yaml.YAMLError, RecursionError) as e:  # ValueError covers JSON and UTF-8 errors
+        why = type(e).__name__
+    else:
+        if isinstance(doc, dict):
+            return doc
+        why = f"not a mapping but {type(doc).__name__}"
+    notes.append(f"{path.name} unreadable ({why}); ignored")
+    return None
+
+
+def list_checkpoints(ckpt_dir: Path, notes: list[str]) -> list[dict]:
     """Checkpoint dirs with step/epoch/time from meta.json; a *.tmp or meta-less dir is INCOMPLETE."""
+    try:
+        entries = list(ckpt_dir.iterdir()) if ckpt_dir.is_dir() else []
+    except OSError as e:
+        notes.append(f"checkpoints/ not listed ({e.strerror or e})")
+        return []
+    order = {"latest": 0, "best": 1, "epoch": 2, "step": 3}
+
+    def key(p: Path) -> tuple:
+        head, _, tail = p.name.partition("_")
+        return order.get(head if tail else p.name, 4), int(tail) if tail.isdigit() else -1, p.name
+    entries = sorted((e for e in entries if e.is_dir() or e.is_symlink()), key=key)
+    if len(entries) > MAX_CHECKPOINTS:  # keep latest/best and the newest of the rest
+        special = [e for e in entries if e.name in ("latest", "best")]
+        rest = [e for e in entries if e.name not in ("latest", "best")]
+        notes.append(f"{len(rest) - MAX_CHECKPOINTS} older checkpoint folders not listed")
+        entries = special + rest[-MAX_CHECKPOINTS:]
     out = []
-    for entry in ckpt_dir.iterdir() if ckpt_dir.is_dir() else []:
-        if not entry.is_dir() and not entry.is_symlink():
-            continue  # stray files; nested dirs (best/export) are not listed either
+    for entry in entries:
         info: dict[str, Any] = {"name": entry.name, "valid": False, "step": None, "epoch": None, "time": None,
                                 "target": os.readlink(entry) if entry.is_symlink() else None, "note": ""}
         tmp = entry.name.endswith(".tmp")
-        meta = _read_doc(entry / "meta.json", []) if entry.is_dir() and not tmp else None
+        meta_notes: list[str] = []
+        meta = read_doc(entry / "meta.json", meta_notes) if entry.is_dir() and not tmp else None
         if not entry.is_dir():
             info["note"] = "INCOMPLETE (dangling link)"
         elif tmp:
             info["note"] = "INCOMPLETE (.tmp: being written, or the writer died)"
         elif meta is None:
-            info["note"] = f"INCOMPLETE ({'meta.json unreadable' if (entry / 'meta.json').exists() else 'no meta.json'})"
+            info["note"] = f"INCOMPLETE ({'meta.json unreadable' if meta_notes else 'no meta.json'})"
         else:
-            info.update(valid=True, step=_int(meta.get("step")), epoch=_int(meta.get("epoch")),
-                        time=num(meta.get("timestamp")) or (entry / "meta.json").stat().st_mtime)
+            t = num(meta.get("timestamp"))
+            info.update(valid=True, step=to_int(meta.get("step")), epoch=to_int(meta.get("epoch")),
+                        time=t if t is not None else _mtime(entry / "meta.json"))
         out.append(info)
-    # latest, best, epoch_N by N, step_N by N, then anything else
-    parts = [(c, *c["name"].partition("_")) for c in out]
-    return [c for c, *_ in sorted(parts, key=lambda t: ({"latest": 0, "best": 1, "epoch": 2, "step": 3}.get(t[1], 4),
-                                                        int(t[3]) if t[3].isdigit() else -1, t[0]["name"]))]
-
-
-def _log_tail(log_dir: Path, n: int = 20) -> list[str]:
-    """Last n non-empty lines of the newest logs/*.log (names carry a sortable timestamp)."""
-    logs = sorted(log_dir.glob("*.log"))
-    if not logs:
-        return []
-    with logs[-1].open("rb") as f:  # only the end: logs of long runs are large
-        f.seek(max(logs[-1].stat().st_size - 16384, 0))
-        text = f.read().decode("utf-8", errors="replace")
-    return [ln.rstrip() for ln in text.splitlines() if ln.strip()][-n:]
-
-
-def load_run(path: str | os.PathLike) -> RunData:
-    """Read every file of a run directory; RunDirError if it is missing or not a run."""
-    root = Path(path)
-    if not root.exists():
-        raise RunDirError(f"run directory not found: {root} (pass the --output_dir that train_full.py wrote to)")
-    if not root.is_dir() or not any((root / n).exists() for n in ("config.yaml", "metrics.jsonl", "heartbeat.json")):
-        raise RunDirError(f"{root} is not a run directory (no config.yaml, metrics.jsonl or heartbeat.json); "
-                          "pass the directory train_full.py wrote, e.g. outputs/<run_name>")
-    metrics, notes = read_jsonl(root / "metrics.jsonl", required="event")
-    health, health_notes = read_jsonl(root / "health.jsonl")
-    notes += health_notes
-    config = _read_doc(root / "config.yaml", notes) or {}
-    heartbeat = _read_doc(root / "heartbeat.json", notes)
-    data_report = _read_doc(root / "data_report.json", notes)
-    watched = [root / n for n in ("config.yaml", "metrics.jsonl", "health.jsonl", "heartbeat.json")]
-    watched += list((root / "logs").glob("*.log"))
-    activity = max((p.stat().st_mtime for p in watched if p.exists()), default=0.0)
-    return RunData(root, config, metrics, health, heartbeat, data_report, list_checkpoints(root / "checkpoints"),
-                   _log_tail(root / "logs"), activity, notes)
-
-
-# --------------------------------------------------------------------------- liveness
-def pid_alive(pid: int) -> bool:
-    """True if a process with this pid exists on this host and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    stat = Path(f"/proc/{pid}/stat")  # absent without procfs (macOS): then kill(0) is all we know
-    return not stat.is_file() or stat.read_text().rsplit(")", 1)[-1].split()[0] != "Z"
-
-
-def log_interval(run: RunData) -> float | None:
-    """Typical seconds between train log events since the last (re)start (median of recent gaps)."""
-    times = [t for t in (num(r.get("time")) for r in run.events("train", since_start=True)[-21:]) if t is not None]
-    gaps = [b - a for a, b in itertools.pairwise(times) if b > a]
-    return statistics.median(gaps) if gaps else None
-
-
-def run_state(run: RunData, now: float) -> tuple[str, str]:
-    """(state, why): alive / finished / early_stopped / gave_up / crashed / stalled."""
-    hb = run.heartbeat or {}
-    marks = [r for r in run.metrics if r.get("event") in ("start", "end")]
-    last_start_t = num(marks[-1].get("time")) if marks and marks[-1]["event"] == "start" else None
-    if marks and (end := marks[-1])["event"] == "end":
-        return _END_STATES.get(str(end.get("status")), "finished"), f"end event: {end.get('reason') or end.get('status')}"
-    hb_time = num(hb.get("time"))
-    if hb.get("status") in _END_STATES and (last_start_t is None or (hb_time or 0) >= last_start_t):
-        why = f"heartbeat status '{hb['status']}'" + (
-            f"; last log line: {run.log_tail[-1]}" if hb["status"] == "failed" and run.log_tail else "")
-        return _END_STATES[hb["status"]], why
-    interval = log_interval(run)
-    threshold = max(10 * interval, STALL_FLOOR_S) if interval else STALL_FLOOR_S
-    traceback = any("Traceback (most recent call last)" in ln for ln in run.log_tail)
-    if hb_time is None:
-        age = now - run.last_activity
-        if traceback and age > 60:  # handled errors log tracebacks too; a silent minute after one = gone
-            return "crashed", "no heartbeat and the log ends with a traceback"
-        if age <= threshold:
-            return "alive", f"no heartbeat yet; files updated {fmt_duration(age)} ago"
-        return "stalled", f"no heartbeat and no file activity for {fmt_duration(age)}"
-    age = now - hb_time
-    pid, host = _int(hb.get("pid")), hb.get("host")
-    alive = pid_alive(pid) if pid is not None and host == socket.gethostname() else None
-    if alive is False:
-        return "crashed", f"process {pid} on {host} is gone (last heartbeat {fmt_duration(age)} ago)"
-    if age <= threshold:
-        return "alive", f"heartbeat {fmt_duration(age)} ago (phase {hb.get('phase', '?')})"
-    if traceback and not alive:
-        return "crashed", f"heartbeat {fmt_duration(age)} old and the log ends with a traceback"
-    if alive:
-        return "stalled", (f"process {pid} is alive but its heartbeat is {fmt_duration(age)} old "
-                           f"(> {fmt_duration(threshold)}); phase {hb.get('phase', '?')}")
-    return "stalled", (f"heartbeat {fmt_duration(age)} old (> {fmt_duration(threshold)}); pid {pid} runs on "
-                       f"{host}, cannot check it from here")
-
-
-# --------------------------------------------------------------------------- summary
-def _best(run: RunData, val: list[dict]) -> dict:
-    last = val[-1] if val else {}
-    best = {"metric": last.get("best_metric"), "value": num(last.get("best_value")), "step": _int(last.get("best_step"))}
-    ck = next((c for c in run.checkpoints if c["name"] == "best" and c["valid"]), None)
-    best["checkpoint"] = {"name": "best", "step": ck["step"]} if ck else None
-    return best
-
-
-def _health(run: RunData, last_train: dict) -> dict:
-    events = run.health
-    status = _int(last_train.get("health/status"))
-    out: dict[str, Any] = {
-        "status": HEALTH_NAMES.get(status, "unknown") if status is not None
-        else (str(events[-1].get("status")) if events else "healthy"),
-        "warnings": sum(e.get("status") == "warning" for e in events),
-        "critical": sum(e.get("status") == "critical" for e in events),
-        "latest": [{k: e.get(k) for k in ("step", "status", "check", "message", "suggestion", "action")}
-                   for e in events[-5:]],
-    }
-    for key, action in (("skipped_steps", "skip"), ("rollbacks", "rollback"), ("oom_retries", "oom_retry")):
-        logged = _int(last_train.get(f"health/{key}"))
-        out[key] = logged if logged is not None else sum(e.get("action") == action for e in events)
     return out
 
 
-def _data(report: dict | None) -> dict | None:
-    """Per split: the report minus the (possibly long) skipped_items list, plus a skipped total."""
-    splits = {name: {k: v for k, v in s.items() if k != "skipped_items"}
-              | {"skipped_total": sum(_int(n) or 0 for n in (s.get("skipped") or {}).values())}
-              for name, s in (report or {}).items() if isinstance(s, dict) and "chains_used" in s}
-    return {"split_method": report.get("split_method"), "splits": splits} if report else None
+def _log_tail(log_dir: Path, notes: list[str], n: int = 20) -> list[str]:
+    """Last n non-empty lines of the newest logs/*.log (names carry a sortable timestamp)."""
+    logs = sorted(log_dir.glob("*.log")) if log_dir.is_dir() else []
+    if not logs:
+        return []
+    try:
+        with open_regular(logs[-1]) as f:  # only the end: logs of long runs are large
+            f.seek(max(os.fstat(f.fileno()).st_size - 16384, 0))
+            text = f.read(16384).decode("utf-8", errors="replace")
+    except (Unreadable, OSError) as e:
+        notes.append(f"logs/{logs[-1].name} not read ({e})")
+        return []
+    return [ln.rstrip()[:1000] for ln in text.splitlines() if ln.strip()][-n:]
 
 
-def summarize(run: RunData, now: float | None = None) -> dict[str, Any]:
-    """The status of a run as one JSON-able dict (the `status --json` payload)."""
-    now = time.time() if now is None else now
-    hb = run.heartbeat or {}
-    starts, train, val = run.events("start"), run.events("train"), run.events("val")
-    last_start, last_train = (starts[-1] if starts else {}), (train[-1] if train else {})
-    state, why = run_state(run, now)
-    # position from the newer of heartbeat and last metrics line (not a max: rollbacks go back)
-    srcs = sorted((d for d in (hb, run.metrics[-1] if run.metrics else {}) if d), key=lambda d: num(d.get("time")) or 0)
-    step, epoch = (next((v for v in (_int(d.get(k)) for d in reversed(srcs)) if v is not None), None)
-                   for k in ("step", "epoch"))
-    total = _int(hb.get("total_steps")) or _int(last_start.get("total_steps"))
-    recent = [(num(r.get("step")), num(r.get("time"))) for r in run.events("train", since_start=True)[-20:]]
-    recent = [(s, t) for s, t in recent if s is not None and t is not None]
-    ds, dt = (recent[-1][0] - recent[0][0], recent[-1][1] - recent[0][1]) if len(recent) > 1 else (0, 0)
-    rate = ds / dt if ds > 0 and dt > 0 else None  # steps/s over the recent window, for the ETA
-    eta = (total - step) / rate if rate and total and step is not None and state in ("alive", "stalled") else None
-    run_dir = run.path.resolve()
-    resume = hb.get("resume_command") or last_start.get("resume_command") or (
-        f"accelerate launch train_full.py --config {shlex.quote(str(run_dir / 'config.yaml'))} "
-        f"--output_dir {shlex.quote(str(run_dir))} --resume auto")
-    hb_info = ({k: hb.get(k) for k in ("status", "phase", "pid", "host")} | {"age_s": now - num(hb["time"])}
-               if num(hb.get("time")) is not None else None)
-    notes = list(run.notes) + ([] if train or val else [NO_METRICS])
-    return {
-        "run_name": last_start.get("run_name") or run.path.resolve().name, "run_dir": str(run_dir),
-        "state": state, "state_reason": why, "time": now, "heartbeat": hb_info,
-        "step": step, "total_steps": total, "progress": step / total if total and step is not None else None,
-        "epoch": epoch, "num_epochs": _int((run.config.get("training") or {}).get("num_epochs")),
-        "steps_per_s": rate, "eta_s": eta, "restarts": max(len(starts) - 1, 0),
-        "resumed_from": last_start.get("resumed_from"),
-        "train": {k: v for k, v in last_train.items() if k != "event"} or None,
-        "val": {k: v for k, v in val[-1].items() if k != "event"} if val else None,
-        "best": _best(run, val), "health": _health(run, last_train),
-        "checkpoints": [c | {"age_s": now - c["time"] if c["time"] else None} for c in run.checkpoints],
-        "data": _data(run.data_report), "resume_command": resume,
-        "last_log_line": run.log_tail[-1] if run.log_tail else None, "notes": notes,
-    }
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def load_run(path: str | os.PathLike) -> RunData:
+    """Read a run directory (bounded); RunDirError if it is missing or not a run."""
+    root = Path(path)
+    if not root.exists():
+        raise RunDirError(f"run directory not found: {root} (pass the --output_dir that train_full.py wrote to)")
+    if not root.is_dir() or not any(os.path.lexists(root / n) for n in ("config.yaml", "metrics.jsonl", "heartbeat.json")):
+        raise RunDirError(f"{root} is not a run directory (no config.yaml, metrics.jsonl or heartbeat.json); "
+                          "pass the directory train_full.py wrote, e.g. outputs/<run_name>")
+    notes: list[str] = []
+    metrics, starts, metrics_complete = _scan_metrics(root / "metrics.jsonl", notes)
+    health, counts, health_complete = _scan_health(root / "health.jsonl", notes)
+    config = read_doc(root / "config.yaml", notes) or {}
+    heartbeat = read_doc(root / "heartbeat.json", notes)
+    data_report = read_doc(root / "data_report.json", notes)
+    logs = sorted((root / "logs").glob("*.log")) if (root / "logs").is_dir() else []
+    watched = [root / n for n in ("config.yaml", "metrics.jsonl", "health.jsonl", "heartbeat.json")] + logs[-1:]
+    activity = max(map(_mtime, watched), default=0.0)
+    return RunData(root, config, metrics, health, heartbeat, data_report, list_checkpoints(root / "checkpoints", notes),
+                   _log_tail(root / "logs", notes), activity, notes, counts, starts,
+                   {"metrics": metrics_complete, "health": health_complete})

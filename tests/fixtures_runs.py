@@ -69,16 +69,19 @@ class RunBuilder:
         self._append("metrics.jsonl", rec)
         return self
 
-    def val(self, step: int, t: float, loss: float, best_step: int, best_value: float) -> RunBuilder:
+    def val(self, step: int, t: float, loss: float, best_step: int, best_value: float, **extra: Any) -> RunBuilder:
         self._append("metrics.jsonl", {
             "event": "val", "time": t, "step": step, "epoch": step * self.num_epochs // self.total_steps,
             "val/loss": loss, "val/rmsd": 8.0 * loss, "val/tm": 0.3, "val/gdt_ts": 0.35, "val/lddt": 0.5,
-            "best_metric": "val/loss", "best_value": best_value, "best_step": best_step})
+            "best_metric": "val/loss", "best_value": best_value, "best_step": best_step, **extra})
         return self
 
-    def end(self, t: float, step: int, status: str = "finished", reason: str = "reached max_steps") -> RunBuilder:
-        self._append("metrics.jsonl", {"event": "end", "time": t, "step": step, "epoch": 0, "status": status,
-                                       "reason": reason})
+    def end(self, t: float, step: int, status: str = "finished", reason: str = "reached max_steps",
+            exit_code: int | None = None) -> RunBuilder:
+        rec = {"event": "end", "time": t, "step": step, "epoch": 0, "status": status, "reason": reason}
+        if exit_code is not None:
+            rec["exit_code"] = exit_code
+        self._append("metrics.jsonl", rec)
         return self
 
     def health(self, t: float, step: int, status: str = "warning", check: str = "loss_spike",
@@ -190,4 +193,56 @@ def health_run(root: Path, now: float | None = None) -> RunBuilder:
     b.health(now - 30, 40).health(now - 20, 80, check="grad_norm_explosion")
     b.health(now - 10, 125, "critical", "nonfinite_loss", "skip").health(now - 5, 128, "critical", "nonfinite_loss",
                                                                           "rollback")
+    return b
+
+
+# --------------------------------------------------------------------------- end statuses (PREAMBLE contract)
+EXIT_CODES = {"finished": 0, "early_stopped": 0, "max_steps": 0, "finished_unhealthy": 4, "gave_up": 3,
+              "failed": 3, "interrupted": 75}
+
+
+def ended_run(root: Path, status: str, reason: str, now: float | None = None) -> RunBuilder:
+    """A run that trained 100 steps and wrote an end event with this status, reason and exit code."""
+    now = time.time() if now is None else now
+    b = trained(RunBuilder(root, f"{status}_run", total_steps=200), 100, now - 200)
+    b.checkpoint("step_000000100", 100, now - 60).link_latest("step_000000100")
+    b.heartbeat(now - 50, 100, status=status, pid=dead_pid())
+    return b.end(now - 50, 100, status=status, reason=reason, exit_code=EXIT_CODES[status])
+
+
+def failed_start_run(root: Path, now: float | None = None) -> RunBuilder:
+    """Start-up failed (no usable chain): config, an empty checkpoints/ and an end event; no start, no heartbeat."""
+    now = time.time() if now is None else now
+    b = RunBuilder(root, "failed_start").config()
+    (b.path / "checkpoints").mkdir()
+    b.log("ERROR no usable chain in data/empty (see data_report.json)")
+    return b.end(now - 5, 0, status="failed", reason="no usable training chain in data/empty: 3 files, all skipped "
+                                                     "(see data_report.json)", exit_code=2)
+
+
+# --------------------------------------------------------------------------- validation with baselines
+def baseline_keys(model: dict[str, float], helix: dict[str, float], walk: dict[str, float]) -> dict[str, float]:
+    """The val record keys of the baseline contract for metrics rmsd/tm/gdt_ts/lddt."""
+    out: dict[str, float] = {}
+    for m, v in model.items():
+        best = (min if m == "rmsd" else max)(helix[m], walk[m])
+        out |= {f"val/{m}": v, f"val_baseline/{m}": best, f"val_baseline_helix/{m}": helix[m],
+                f"val_baseline_random_walk/{m}": walk[m], f"val/{m}_over_baseline": v / best}
+    return out
+
+
+HELIX = {"rmsd": 9.8, "tm": 0.17, "gdt_ts": 0.25, "lddt": 0.43}
+WALK = {"rmsd": 11.5, "tm": 0.13, "gdt_ts": 0.2, "lddt": 0.49}
+
+
+def baseline_run(root: Path, model: dict[str, float], name: str = "baseline_run", now: float | None = None,
+                 vals: int = 3) -> RunBuilder:
+    """A live run whose validations carry baseline keys; the last one has `model`'s values."""
+    now = time.time() if now is None else now
+    b = trained(RunBuilder(root, name), 120, now - 80, val_every=1000).heartbeat(now - 2, 120)
+    for i in range(vals):
+        scale = (i + 1) / vals
+        vals_i = {m: v * scale if m != "rmsd" else v / scale for m, v in model.items()}
+        b.val(40 * (i + 1), now - 60 + 10 * i, 1.0, 40, 1.0, **baseline_keys(vals_i, HELIX, WALK),
+              **{"val/bond_length_error": 0.4})
     return b

@@ -12,8 +12,9 @@ from pathlib import Path
 import fixtures_runs as fx
 import pytest
 
-from diffold import runinfo
-from diffold.runinfo import NO_METRICS, load_run, summarize
+from diffold import runstatus
+from diffold.runinfo import load_run
+from diffold.runstatus import NO_METRICS, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the script lives at the repo root, outside the package
@@ -100,23 +101,23 @@ def test_heartbeat_rules(tmp_path: Path) -> None:
         (dict(t=now - 3, host="other-node", pid=1), "alive", "heartbeat 3s ago"),
         (dict(t=now - 3600, host="other-node", pid=1), "stalled", "cannot check"),
         (dict(t=now - 3, pid=fx.dead_pid()), "crashed", "is gone"),        # fresh heartbeat, process died
-        (dict(t=now - 60, status="failed"), "crashed", "heartbeat status 'failed'"),
+        (dict(t=now - 60, status="failed"), "failed", "heartbeat status 'failed'"),
         (dict(t=now - 60, status="gave_up"), "gave_up", ""),
         (dict(t=now - 60, status="early_stopped"), "early_stopped", ""),
     ]
     for kw, state, why in cases:
         b.heartbeat(kw.pop("t"), 60, **kw)
-        got = runinfo.run_state(load_run(b.path), now)
+        got = runstatus.run_state(load_run(b.path), now)
         assert got[0] == state and why in got[1], (kw, got)
     # a finished run resumed for more steps: the new start event outranks the old 'finished' heartbeat
     b.heartbeat(now - 100, 60, status="finished").start(now - 10, step=60)
-    assert runinfo.run_state(load_run(b.path), now)[0] == "alive"
+    assert runstatus.run_state(load_run(b.path), now)[0] == "alive"
     # the end event wins over a heartbeat that was not rewritten after it
     b.heartbeat(now - 3, 60)
-    for end_status, state in [("max_steps", "finished"), ("early_stopped", "early_stopped"), ("gave_up", "gave_up"),
+    for end_status, state in [("max_steps", "max_steps"), ("early_stopped", "early_stopped"), ("gave_up", "gave_up"),
                               ("finished", "finished")]:
         b.end(now - 1, 60, status=end_status, reason="why")
-        assert runinfo.run_state(load_run(b.path), now) == (state, "end event: why")
+        assert runstatus.run_state(load_run(b.path), now) == (state, "end event: why")
 
 
 def test_crash_at_startup_from_log_traceback(tmp_path: Path) -> None:
@@ -124,7 +125,7 @@ def test_crash_at_startup_from_log_traceback(tmp_path: Path) -> None:
     old = time.time() - 3600
     for p in (b.path / "config.yaml", *(b.path / "logs").iterdir()):
         os.utime(p, (old, old))
-    state, why = runinfo.run_state(load_run(b.path), time.time())
+    state, why = runstatus.run_state(load_run(b.path), time.time())
     assert state == "crashed" and "traceback" in why
 
 
@@ -302,3 +303,124 @@ def test_plot_hides_loss_components_that_are_zero_throughout(tmp_path: Path) -> 
     fig, _ = plots.make_figure(load_run(b.path))
     labels = set(fig.axes[0].get_legend_handles_labels()[1])
     assert {"total", "diffusion", "structure"} <= labels and "moe_aux" not in labels
+
+
+# --------------------------------------------------------------------------- end statuses (exit-code contract)
+def test_failed_start_up_shows_failed_with_its_reason(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An end event before any start event, no heartbeat, no train step: FAILED with the reason, not ALIVE/HEALTHY."""
+    run = fx.failed_start_run(tmp_path)
+    s = status(run.path, capsys)                               # the status is final: exit 0
+    assert s["state"] == "failed" and s["ok"] is False
+    assert "the run ended before its first logged training step" in s["notes"]
+    assert "no usable training chain in data/empty" in s["state_reason"] and "(exit code 2)" in s["state_reason"]
+    assert s["end"] == {"status": "failed", "reason": s["end"]["reason"], "exit_code": 2}
+    assert s["health"]["status"] == "unknown" and s["health"]["words"] == "no training step logged yet"
+    monitor_training.main(["--output_dir", str(run.path)])
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "no usable training chain" in out
+    assert "ALIVE" not in out and "HEALTHY" not in out and "--resume" not in out   # nothing to resume
+    # the monitor stops at once instead of watching a dead run
+    assert monitor_training.main(["--output_dir", str(run.path), "--mode", "monitor", "--max_refreshes", "5"]) == 0
+    assert capsys.readouterr().out.count("FAILED") == 1
+
+
+@pytest.mark.parametrize("end_status, reason", [
+    ("finished", "reached num_epochs"), ("early_stopped", "val/loss did not improve for 5 validations"),
+    ("max_steps", "reached training.max_steps=100"), ("finished_unhealthy", "non-finite weights in the last window"),
+    ("gave_up", "health.max_rollbacks=3 exhausted"), ("failed", "final checkpoint could not be written (ENOSPC)"),
+    ("interrupted", "SIGTERM: checkpoint written at step 100"),
+])
+def test_every_end_status_is_its_own_state(tmp_path: Path, capsys: pytest.CaptureFixture, end_status, reason) -> None:
+    run = fx.ended_run(tmp_path, end_status, reason)
+    s = status(run.path, capsys)
+    assert s["state"] == end_status and s["state_reason"] == f"end event: {reason} (exit code {fx.EXIT_CODES[end_status]})"
+    assert s["ok"] is (end_status in ("finished", "early_stopped", "max_steps")) and s["eta_s"] is None
+    rows = dict(monitor_training._section_rows(s))
+    state_text = rows["State"]
+    assert state_text.plain.startswith(end_status.upper()) and reason in state_text.plain
+    labels = [label for label, _ in monitor_training._section_rows(s)]
+    if end_status == "interrupted":  # how to resume, right under the state, in bold
+        assert labels[labels.index("State") + 1] == "Resume with"
+        assert rows["Resume with"].plain == s["resume_command"] and "bold" in str(rows["Resume with"].style)
+    if end_status in ("finished_unhealthy", "failed", "gave_up"):  # the reason in red, not only the word
+        assert any("red" in str(span.style) and reason in state_text.plain[span.start:span.end]
+                   for span in state_text.spans)
+
+
+def test_unknown_end_status_is_not_read_as_success(tmp_path: Path) -> None:
+    b = fx.trained(fx.RunBuilder(tmp_path), 20, time.time() - 100).end(time.time(), 20, status="weird", reason="?")
+    state, why = runstatus.run_state(load_run(b.path), time.time())
+    assert state == "failed" and "unknown end status 'weird'" in why
+
+
+# --------------------------------------------------------------------------- health line wording
+def test_health_line_names_the_interval_not_the_latest_step(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """health/status is the worst step of the log interval; the log line names the last step. Say which is which."""
+    now = time.time()
+    b = fx.running_run(tmp_path, now)
+    b.health(now - 1.5, 126, "warning", "grad_explosion").train(130, now - 1, **{"health/status": 1})
+    b.log("INFO step 130 | train loss - total: 0.9 | lr 3e-4 | grad 1.5 | healthy")
+    s = status(b.path, capsys)
+    h = s["health"]
+    assert (h["status"], h["interval"], h["latest_step_status"]) == ("warning", [121, 130], None)
+    assert h["words"] == "in the last log interval (steps 121-130): grad_explosion at step 126"
+    monitor_training.main(["--output_dir", str(b.path)])
+    out = capsys.readouterr().out
+    assert "WARNING in the last log interval (steps 121-130): grad_explosion at step 126" in out
+    assert "at the latest step" not in out
+    # where the trainer logs the last step's own status, the line says it too
+    b.train(140, now, **{"health/status": 1, "health/status_last": 0})
+    b.health(now, 133, "warning", "loss_spike")
+    assert summarize(load_run(b.path))["health"]["words"] == (
+        "in the last log interval (steps 131-140): loss_spike at step 133; the latest step (140) is healthy")
+    b.train(150, now + 1)
+    assert summarize(load_run(b.path), now + 2)["health"]["words"] == \
+        "over the last log interval (steps 141-150): no warning"
+
+
+# --------------------------------------------------------------------------- baselines
+@pytest.mark.parametrize("model, helix_lddt, verdict, beats_all", [
+    ({"lddt": 0.31, "tm": 0.12}, 0.43, "below the helix baseline on lDDT (0.31 vs 0.43) and TM (0.12 vs 0.17)", False),
+    ({"lddt": 0.6, "tm": 0.3, "gdt_ts": 0.4, "rmsd": 5.0}, 0.43,
+     "beats the best baseline on lDDT, TM, GDT-TS and RMSD", True),
+    ({"lddt": 0.45, "tm": 0.2, "rmsd": 12.0}, 0.48,
+     "below the helix baseline on lDDT (0.45 vs 0.48) and RMSD (12 Å vs 9.8 Å; lower is better); "
+     "beats the best baseline on TM", False),
+])
+def test_status_says_whether_the_model_beats_the_best_baseline(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                               model, helix_lddt, verdict, beats_all) -> None:
+    b = fx.baseline_run(tmp_path, model, vals=1)             # the helix is the best lDDT baseline here:
+    b.val(120, time.time() - 1, 1.0, 40, 1.0,
+          **fx.baseline_keys(model, dict(fx.HELIX, lddt=helix_lddt), dict(fx.WALK, lddt=0.40)))
+    s = status(b.path, capsys)
+    base = s["baseline"]
+    assert base["verdict"] == verdict and base["beats_all"] is beats_all
+    lddt = base["metrics"]["lddt"]
+    assert lddt["model"] == model["lddt"] and lddt["best_baseline_name"] == "helix"
+    assert set(lddt["baselines"]) == {"helix", "random_walk"} and lddt["over_baseline"] == pytest.approx(
+        model["lddt"] / lddt["best_baseline"])
+    monitor_training.main(["--output_dir", str(b.path)])
+    out = capsys.readouterr().out
+    assert "Baselines" in out and f"model {verdict}" in " ".join(out.split())
+
+
+def test_no_baseline_keys_no_baseline_row(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    s = status(fx.running_run(tmp_path).path, capsys)
+    assert s["baseline"] is None
+    monitor_training.main(["--output_dir", str(fx.running_run(tmp_path / "b").path)])
+    assert "Baselines" not in capsys.readouterr().out
+
+
+def test_plot_draws_baselines_dashed_on_the_val_panel(tmp_path: Path) -> None:
+    from diffold import plots
+
+    b = fx.baseline_run(tmp_path, {"lddt": 0.31, "tm": 0.12, "gdt_ts": 0.2, "rmsd": 14.0})
+    fig, titles = plots.make_figure(load_run(b.path))
+    i = next(i for i, t in enumerate(titles) if t.startswith("Validation"))
+    axes = [ax for ax in fig.axes if ax.get_title() == titles[i]]
+    val_axes = [ax for ax in fig.axes if ax.bbox.bounds == axes[0].bbox.bounds]   # the panel and its twin
+    dashed = {ln.get_label(): ln for ax in val_axes for ln in ax.get_lines() if ln.get_linestyle() == "--"}
+    assert set(dashed) == {"RMSD (Å) best baseline", "TM best baseline", "GDT-TS best baseline", "lDDT best baseline"}
+    assert list(dashed["lDDT best baseline"].get_ydata()) == pytest.approx([0.49] * 3)
+    solid = {ln.get_label(): ln for ax in val_axes for ln in ax.get_lines() if ln.get_linestyle() == "-"}
+    assert solid["lDDT"].get_color() == dashed["lDDT best baseline"].get_color()
