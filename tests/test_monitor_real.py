@@ -65,8 +65,6 @@ def test_plot_of_real_run_is_a_png(runs, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
 
 
-@pytest.mark.xfail(strict=True, reason="needs train_full.py to write an `end` event (status failed) on a failed "
-                                       "start-up (issue 16, lead); remove this mark when it does")
 def test_status_of_a_real_failed_start_says_failed_with_the_reason(tmp_path):
     """No usable chain: train_full.py exits 2 at start-up; the monitor must say FAILED and why, not ALIVE/HEALTHY."""
     empty = tmp_path / "empty"
