@@ -5,8 +5,9 @@
 
 Interleaved blocks in ONE process (A B A B ...; see shared benchmarking notes), median ratio of
 paired blocks with a bootstrap 95% interval. "full" = Stepper.step (accumulate, pre-clip norm,
-one host sync, cross-rank flag) + HealthMonitor.update + RecoveryPolicy.decide + the log-interval
-flush to metrics.jsonl/heartbeat; "bare" = accumulate/backward/clip/step/zero_grad only.
+host sync, weight/optimizer-state check after the update, cross-rank flag) + HealthMonitor.update +
+RecoveryPolicy.decide + the log-interval flush to metrics.jsonl/heartbeat (Run.log_interval);
+"bare" = accumulate/backward/clip/step/zero_grad only.
 """
 from __future__ import annotations
 
@@ -36,10 +37,10 @@ from diffold.health import HealthMonitor, RecoveryPolicy, sync_flags  # noqa: E4
 from diffold.loop import LossStats, Stepper  # noqa: E402
 from diffold.model import build_model  # noqa: E402
 from diffold.optim import build_optimizer, build_scheduler  # noqa: E402
+from diffold.run import Run  # noqa: E402
 from diffold.state import TrainState  # noqa: E402
 from diffold.tasks import get_task  # noqa: E402
 from diffold.tracking import RunLog  # noqa: E402
-from train_full import flush_interval  # noqa: E402
 
 
 def bootstrap_ci(ratios: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -73,6 +74,8 @@ def main() -> None:
     monitor, policy = HealthMonitor.from_config(cfg, 10**6), RecoveryPolicy(cfg.health)
     run_dir = Path(tempfile.mkdtemp())
     runlog, state = RunLog(run_dir, acc, 10**6, "n/a"), TrainState()
+    run = Run(acc, cfg, run_dir, None, runlog, state, ema, model, opt, sched, monitor, policy, stepper, None, task,
+              ("C4'",), diffusion)
 
     def bare_block() -> float:
         t0 = time.perf_counter()
@@ -87,7 +90,6 @@ def main() -> None:
         return time.perf_counter() - t0
 
     def full_block(health: bool = True) -> float:
-        interval = []
         t0 = time.perf_counter()
         for b in batches:
             ts = time.perf_counter()
@@ -96,13 +98,13 @@ def main() -> None:
             state.global_step += 1
             if health:
                 report = monitor.update(state.global_step, {"total": res.loss, **res.terms}, res.grad_norm,
-                                        sched.get_last_lr()[0], time.perf_counter() - ts, 0.0, {})
-                bad, spike = sync_flags(acc, [res.skipped or report.bad_step, report.spike_confirmed])
-                policy.decide(bad, spike, report)
-                interval.append((res, sched.get_last_lr()[0], report, time.perf_counter() - ts, 0.0))
+                                        sched.get_last_lr()[0], time.perf_counter() - ts, 0.0, {}, res.weights)
+                bad, spike, broken, _ = sync_flags(acc, [res.skipped or report.bad_step, report.spike_confirmed,
+                                                         report.broken_weights, False])
+                policy.decide(bad, spike, report, broken_weights=broken)
+                run.interval.append((res, sched.get_last_lr()[0], report, time.perf_counter() - ts, 0.0))
                 if state.global_step % cfg.training.log_every == 0:
-                    flush_interval(runlog, state, stats, interval, monitor, policy, acc, None)
-                    interval = []
+                    run.log_interval(stats)
         return time.perf_counter() - t0
 
     if args.health == "compare":  # benchmarks/health_overhead.py: monitoring on vs off
