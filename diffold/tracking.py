@@ -43,6 +43,20 @@ class _ConsoleHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class _FileHandler(logging.FileHandler):
+    """The run's log file; a failing disk (full, read-only) is said once on the console, not as a
+    traceback per line (logging's default), and the console keeps every line."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            err = sys.exc_info()[1]
+            sys.stderr.write(f"warning: cannot write the log file {self.baseFilename} ({err}); "
+                             "log lines go to the console only\n")
+
+
 def setup_logging(run_dir: Path, accelerator, level: str = "INFO") -> Path:
     """Main process: console + logs/training_<ts>.log at `level`; other ranks: WARNING+ to stderr."""
     rank = accelerator.process_index
@@ -57,7 +71,7 @@ def setup_logging(run_dir: Path, accelerator, level: str = "INFO") -> Path:
     path = run_dir / "logs" / f"training_{time.strftime('%Y%m%d_%H%M%S')}.log"
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(path, encoding="utf-8")
+        fh = _FileHandler(path, encoding="utf-8")
         fh.setFormatter(fmt)
         fh.addFilter(_RankFilter(rank))
         handlers.append(fh)

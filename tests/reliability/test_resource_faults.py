@@ -171,3 +171,38 @@ def test_disk_full_on_two_processes_every_rank_takes_the_same_path(runs, helpers
     end = helpers.events(run)[-1]
     assert end["status"] == "finished" and end["rank_param_checksums_equal"] is True
     assert helpers.assert_every_valid_checkpoint_loads(run) >= 2
+
+
+@pytest.fixture()
+def small_fs(tmp_path):
+    """A real 16 MB file system (tmpfs) for full-disk and read-only cases; root ignores permission bits,
+    so a read-only MOUNT is the honest way to make a run directory unwritable."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_read_only_run_directory_is_one_line_error(runs, reference, small_fs):
+    run = small_fs / "run"
+    shutil.copytree(reference / "checkpoints" / "step_000000012", run / "checkpoints" / "step_000000012")
+    assert subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], capture_output=True).returncode == 0
+    r = runs.run([*runs.args(), "--output_dir", str(run), "--resume", "auto"])
+    assert_one_line_error(r, f"cannot write the run directory {run}", "Read-only file system")
+
+
+@pytest.mark.slow
+def test_full_disk_at_start_is_one_line_error(runs, small_fs):
+    run = small_fs / "run"
+    with open(small_fs / "filler", "wb") as f:  # fill it to the last byte
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    r = runs.run([*runs.args(), "--output_dir", str(run)])
+    assert_one_line_error(r, str(run), "free disk space")
