@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
 
 from diffold.atomic import (  # noqa: F401 (write_json_atomic re-exported)
     WRITE_ERRORS,
@@ -37,7 +38,7 @@ from diffold.checkpoint_check import (  # noqa: F401 (META, read_meta, verify: r
     shape_problem,
     verify,
 )
-from diffold.hashing import file_sha256
+from diffold.hashing import bytes_sha256, tree_sha256
 from diffold.recovery import sync_flag
 from diffold.state import TrainState
 
@@ -88,10 +89,10 @@ class CheckpointManager:
         acc.wait_for_everyone()  # every rank's RNG file is in tmp before main checksums and renames
         if acc.is_main_process and not failed:
             try:
-                save_file(ema.state_dict(), str(tmp / EMA_FILE))
-                write_json_atomic(tmp / STATE, state.to_dict())
+                known = {EMA_FILE: write_hashed(tmp / EMA_FILE, safetensors_bytes(ema.state_dict())),
+                         STATE: write_hashed(tmp / STATE, json.dumps(state.to_dict(), indent=1, default=float).encode())}
                 self.before_commit()
-                files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+                files = tree_sha256(tmp, known)  # Accelerate's files: read back once, in parallel threads
                 meta = {**meta, "name": name, "timestamp": time.time(), "files": files,
                         "health": {"healthy": bool(healthy[0]), "reason": healthy[1]}}
                 write_json_atomic(tmp / META, meta)  # written last: its presence makes the checkpoint valid
@@ -242,6 +243,15 @@ class CheckpointManager:
                 raise error or CheckpointError(f"checkpoint {path} failed to load on another process")
             log.warning("skipping checkpoint %s: %s", path, error or "failed to load on another process")
         return None
+
+def write_hashed(path: Path, data: bytes) -> str:
+    """Write bytes (fsynced) and return their sha256, computed from memory: no read-back."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return bytes_sha256(data)
+
 
 def _first_line(err: BaseException) -> str:
     """The informative line of an error; for torch's weights_only refusal, the line naming the blocked global."""
