@@ -73,6 +73,10 @@ class DataConfig:
     min_plddt: float = 70.0
     feature_dir: Optional[str] = None      # per-chain precomputed features (<id>.pt)
     bucket_size: int = 64                  # batches drawn from length buckets of this many chains
+    # physically absurd chains are skipped at featurization, counted in data_report.json (diffold/sanity.py)
+    max_abs_coordinate: float = 5000.0     # A; |x| at or above this (PDB placeholder 9999.999) skips the chain
+    max_consecutive_distance: float = 50.0  # A per step of residue numbering between consecutive observed residues
+    min_radius_of_gyration: float = 1.0    # A; a chain whose atoms all lie closer to their centre is collapsed
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,10 @@ from diffold.paths import safe_filename
 from diffold.plm import precompute_features
 from diffold.predicted import StructurePredictor
 from diffold.sampler import BucketBatchSampler
+from diffold.sanity import GeometryLimits
 from diffold.sources import (
     FEATURES,
+    TEST_NAMES,
     TRAIN_NAMES,
     VAL_NAMES,
     DataError,
@@ -45,26 +48,27 @@ from diffold.tasks import Task, get_task
 
 logger = logging.getLogger(__name__)
 
-FEATURIZE_VERSION = 1  # bump when the featurized rows change: invalidates every cache
+FEATURIZE_VERSION = 2  # bump when the featurized rows change: invalidates every cache
 
 
 # --------------------------------------------------------------------------- featurization
-def _featurize_batch(batch: dict, task_name: str, atoms: list, min_length: int) -> dict:
+def _featurize_batch(batch: dict, task_name: str, atoms: list, min_length: int, limits: dict) -> dict:
     """datasets .map(batched=True) adapter: a batch of files -> any number of chain/skip rows."""
     out: dict[str, list] = {k: [] for k in FEATURES}
     for path, display, entries in zip(batch["path"], batch["display"], batch["entries"], strict=True):
-        for row in featurize_file(path, display, json.loads(entries), get_task(task_name), tuple(atoms), min_length):
+        for row in featurize_file(path, display, json.loads(entries), get_task(task_name), tuple(atoms), min_length,
+                                  GeometryLimits(**limits)):
             for k in FEATURES:
                 out[k].append(row[k])
     return out
 
 
-def _fingerprint(items: list[dict], task: Task, atoms: tuple, min_length: int) -> str:
+def _fingerprint(items: list[dict], task: Task, atoms: tuple, min_length: int, limits: GeometryLimits) -> str:
     """sha256 over file contents, manifest rows and featurization settings (parser source included)."""
     h = hashlib.sha256()
     parser_src = inspect.getsource(structure).encode()
     cfg = {"task": task.name, "atoms": list(atoms), "min_length": min_length, "version": FEATURIZE_VERSION,
-           "parser": hashlib.sha256(parser_src).hexdigest()}
+           "parser": hashlib.sha256(parser_src).hexdigest(), "limits": asdict(limits)}
     h.update(json.dumps(cfg, sort_keys=True).encode())
     for it in items:
         h.update(json.dumps([it["display"], file_sha256(it["path"]),
@@ -248,19 +252,37 @@ def _usable_rows(table: Dataset, rep: SplitReport, taken: set[str] | None = None
     return rows
 
 
+def _held_out(split: str, role: str) -> str:
+    """Skip reason of a manifest row whose split column does not let this source (role) use it."""
+    if split in TEST_NAMES:
+        return f"held-out split: split='{split}' rows are never trained or validated on"
+    if split in VAL_NAMES | TRAIN_NAMES:
+        other = "data.val_path gives the validation set" if role == "train" else "this is data.val_path"
+        return f"held-out split: split='{split}' row in the {role} source ({other})"
+    return f"unknown split: '{split}' (use train, val or test)"
+
+
+def _by_split_column(table: Dataset, rows: list[int], rep: SplitReport, allowed: set[str], role: str) -> list[int]:
+    """Rows whose split column is empty or in `allowed`; the others are counted as skipped."""
+    meta = table.select(rows).select_columns(["split", "source", "chain"]).to_dict() if rows else {}
+    keep = []
+    for r, s, src, ch in zip(rows, *meta.values(), strict=True) if rows else ():
+        if not s or s in allowed:
+            keep.append(r)
+        else:
+            rep.skip(src, ch or None, _held_out(s, role))
+    return keep
+
+
 def _split(table: Dataset, rows: list[int], cfg, task: Task, report: DataReport) -> tuple[list[int], list[int]]:
     """One source -> (train rows, val rows): by the manifest's split column, else by sequence cluster."""
-    meta = table.select(rows).select_columns(["sequence", "split", "source", "chain"]).to_dict() if rows else {}
+    rows = _by_split_column(table, rows, report.train, TRAIN_NAMES | VAL_NAMES, "train")  # test rows never used
+    meta = table.select(rows).select_columns(["sequence", "split"]).to_dict() if rows else {}
     splits = meta.get("split", [])
     if any(s in VAL_NAMES for s in splits):
         report.split_method = "manifest split column"
-        train, val = [], []
-        for r, s, src, ch in zip(rows, splits, meta["source"], meta["chain"], strict=True):
-            if s in VAL_NAMES or s in TRAIN_NAMES or not s:
-                (val if s in VAL_NAMES else train).append(r)
-            else:
-                report.train.skip(src, ch or None, f"unknown split: '{s}' (use train or val)")
-        return train, val
+        return ([r for r, s in zip(rows, splits, strict=True) if s not in VAL_NAMES],
+                [r for r, s in zip(rows, splits, strict=True) if s in VAL_NAMES])
     d = cfg.data
     report.split_method = (f"sequence clusters (k-mer identity >= {d.cluster_identity}, "
                            f"val_fraction {d.val_fraction})")
@@ -303,8 +325,10 @@ def build_datasets(cfg, *, main_process_first: Callable = contextlib.nullcontext
             entries += predictor.entries(missing, rep)  # cached/predicted PDBs; failures skipped and counted
         items = group_by_file(entries)
         rep.files_seen = len(items)
-        key = _fingerprint(items, task, atoms, cfg.data.min_length)
-        kwargs = {"task_name": task.name, "atoms": list(atoms), "min_length": cfg.data.min_length}
+        limits = GeometryLimits.from_config(cfg.data)
+        key = _fingerprint(items, task, atoms, cfg.data.min_length, limits)
+        kwargs = {"task_name": task.name, "atoms": list(atoms), "min_length": cfg.data.min_length,
+                  "limits": asdict(limits)}
         table, report.cache_hit[path] = featurize_cached(items, key, cache_dir, cfg.data.num_proc, kwargs,
                                                          main_process_first)
         return table, _usable_rows(table, rep, taken)
@@ -312,9 +336,11 @@ def build_datasets(cfg, *, main_process_first: Callable = contextlib.nullcontext
     if not cfg.data.train_path:
         raise DataError("data.train_path is empty: give a directory, glob or CSV manifest of structures")
     train_table, train_rows = load(cfg.data.train_path, report.train)
-    if cfg.data.val_path:
+    if cfg.data.val_path:  # a manifest's split column still holds: no val/test row of it is trained on
+        train_rows = _by_split_column(train_table, train_rows, report.train, TRAIN_NAMES, "train")
         train_ids = set(train_table.select(train_rows).select_columns(["id"]).to_dict()["id"]) if train_rows else set()
         val_table, val_rows = load(cfg.data.val_path, report.val, taken=set())
+        val_rows = _by_split_column(val_table, val_rows, report.val, VAL_NAMES, "val")
         meta = val_table.select(val_rows).select_columns(["id", "source", "chain"]).to_dict() if val_rows else {}
         for r, cid, src, ch in zip(list(val_rows), *meta.values(), strict=True):
             if cid in train_ids:  # the same chain in both splits would leak

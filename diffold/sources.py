@@ -15,13 +15,16 @@ import numpy as np
 from datasets import Features, List, Value
 
 from diffold import structure
+from diffold.sanity import GeometryLimits, geometry_problem
 from diffold.tasks import Task
 
 STRUCTURE_SUFFIXES = (".pdb", ".cif", ".mmcif", ".ent")
 NO_STRUCTURE = "no structure (set data.use_predicted_structures to predict one)"
+NOT_A_FILE = "not a file: a directory with a structure-file name (any files inside it are read as usual)"
 MAX_WEIGHT = 1e6  # a larger per-chain weight overflows float32 losses (or is a typo)
 VAL_NAMES = {"val", "valid", "validation", "dev"}
 TRAIN_NAMES = {"train", "training"}
+TEST_NAMES = {"test", "testing", "holdout", "held-out", "held_out"}
 
 
 class DataError(ValueError):
@@ -98,7 +101,7 @@ def collect(path: str, task_kind: str, report: SplitReport, missing: list[Entry]
     if p.is_file() and p.suffix.lower() in (".csv", ".tsv"):
         return read_manifest(p, task_kind, report, missing)
     if p.is_dir():
-        found = sorted(f for f in p.rglob("*") if has_structure_suffix(f) and not f.is_dir())
+        found = sorted(f for f in p.rglob("*") if has_structure_suffix(f))
         return _files(found, report, lambda f: str(f.relative_to(p)))
     if p.is_file():
         return [Entry(str(p.resolve()), str(p), None)]
@@ -108,15 +111,17 @@ def collect(path: str, task_kind: str, report: SplitReport, missing: list[Entry]
     for m in matches:
         if m.is_file() and not has_structure_suffix(m):
             report.skip(str(m), None, "not a structure file: expected .pdb/.cif/.ent(.gz)")
-    return _files([m for m in matches if has_structure_suffix(m) and not m.is_dir()], report, str)
+    return _files([m for m in matches if has_structure_suffix(m)], report, str)
 
 
 def _files(paths: list[Path], report: SplitReport, display) -> list[Entry]:
-    """Entries of existing files; broken links and the like are reported, not silently dropped."""
+    """Entries of existing files; directories with a structure name, broken links etc. are reported."""
     entries = []
     for f in paths:
         if f.is_file():
             entries.append(Entry(str(f.resolve()), display(f), None))
+        elif f.is_dir():
+            report.skip(display(f), None, NOT_A_FILE)
         else:
             report.skip(display(f), None, f"file not found: {f} (a broken link?)")
     return entries
@@ -196,7 +201,7 @@ def _row_entry(row: dict, root: Path, task_kind: str, where: str, seen: set, rep
     except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a name too long, a symlink loop (RuntimeError)
         return report.skip(where, chain, f"bad structure_path: {rel[:60]!r} ({type(e).__name__}: {str(e)[:60]})")
     if not found:
-        return report.skip(where, chain, f"file not found: {full}")
+        return report.skip(where, chain, f"not a file: {full} is a directory" if full.is_dir() else f"file not found: {full}")
     return Entry(str(full), rel, rid, chain, seq, weight, row.get("split", "").lower() or None)
 
 
@@ -299,15 +304,13 @@ def _row(display: str, chain: str | None, reason: str = "", kind: str = "", **ar
 
 
 def as_reason(text: str) -> str:
-    """'category: detail' form of a parser message, so counts group by category, e.g.
-    'too short (5 < 10 residues)' -> 'too short: too short (5 < 10 residues)'."""
-    text = stripped = " ".join(text.split())
-    while (shorter := re.sub(r"\s*\([^()]*\)", "", stripped)) != stripped:  # nested parentheses
-        stripped = shorter
-    category = stripped.split(": ")[0].split("; ")[0].strip()
-    if not category or category == text or text.startswith(category + ": "):
+    """'category: detail' form of a parser message, so counts group by category and read once:
+    'too short (5 < 10 residues)' -> 'too short: 5 < 10 residues'; 'unparsable: x' stays."""
+    text = " ".join(text.split())
+    if re.match(r"[^():;]+: ", text):  # already 'category: detail'
         return text
-    return f"{category}: {text}"
+    m = re.match(r"([^():;]+?) \(((?:[^()]|\([^()]*\))*)\)(.*)", text)  # 'category (detail)[; hint]'
+    return f"{m[1]}: {m[2]}{m[3]}" if m else text
 
 
 def residue_positions(numbers: np.ndarray) -> np.ndarray:
@@ -317,16 +320,16 @@ def residue_positions(numbers: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(steps)]).astype(np.int32)
 
 
-def _chain_problem(ch, entry: dict, task: Task, min_length: int) -> str:
+def _chain_problem(ch, entry: dict, task: Task, min_length: int, limits: GeometryLimits) -> str:
     """Why a parsed chain cannot be used ('' if it can)."""
     if ch.kind != task.kind:
         return f"molecule is {ch.kind}, task is {task.name}"
-    observed = ch.mask.any(axis=1)  # [L]; non-finite/absurd coordinates are the parser's checks
-    xyz = ch.coords[ch.mask]        # [n_observed_atoms, 3]
+    observed = ch.mask.any(axis=1)  # [L]; non-finite coordinates are the parser's check
     if observed.sum() < min_length:
         return f"too few observed residues: {int(observed.sum())} < data.min_length={min_length}"
-    if len(xyz) > 1 and np.ptp(xyz, axis=0).max() < 1e-3:
-        return "degenerate coordinates: all atoms at one point"
+    absurd = geometry_problem(ch.coords, ch.mask, ch.residue_numbers, limits)
+    if absurd:
+        return absurd
     want = entry.get("sequence")
     if want and want != ch.sequence.upper():
         diff = next((i for i, (a, b) in enumerate(zip(want, ch.sequence.upper(), strict=False)) if a != b), None)
@@ -335,7 +338,8 @@ def _chain_problem(ch, entry: dict, task: Task, min_length: int) -> str:
     return ""
 
 
-def featurize_file(path: str, display: str, entries: list[dict], task: Task, atoms: tuple, min_length: int) -> list[dict]:
+def featurize_file(path: str, display: str, entries: list[dict], task: Task, atoms: tuple, min_length: int,
+                   limits: GeometryLimits = GeometryLimits()) -> list[dict]:
     """Parse one file once; one row per usable chain and one per skipped item (with its reason)."""
     try:
         chains, skipped = structure.parse_structure(path, atoms={task.kind: atoms}, min_length=min_length)
@@ -361,7 +365,7 @@ def featurize_file(path: str, display: str, entries: list[dict], task: Task, ato
             else:
                 n_task = sum(c.kind == task.kind for c in picked)
                 cid = e["id"] if len(picked) == 1 or n_task == 1 else f"{e['id']}_{ch.chain_name}"
-            reason = _chain_problem(ch, e, task, min_length)
+            reason = _chain_problem(ch, e, task, min_length, limits)
             if reason:
                 rows.append(_row(display, ch.chain_name, reason, kind=ch.kind))
                 continue

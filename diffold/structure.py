@@ -75,7 +75,7 @@ def _gunzip(data: bytes, path: Path) -> bytes:
     except (OSError, EOFError, zlib.error) as err:
         raise StructureError(f"{path}: broken or truncated gzip ({_one_line(err)}); re-download the file") from err
     if len(out) > MAX_TEXT_BYTES:
-        raise StructureError(f"{path}: over {MAX_TEXT_BYTES // 1024**2} MB after gunzip; split the file")
+        raise StructureError(f"{path}: too large (over {MAX_TEXT_BYTES // 1024**2} MB after gunzip); split the file")
     return out
 
 
@@ -84,7 +84,7 @@ def _read_text(path: Path) -> bytes:
     if not path.is_file():
         raise StructureError(f"{path}: no such file (or not a regular file); check the path")
     if (size := path.stat().st_size) > MAX_FILE_BYTES:
-        raise StructureError(f"{path}: {size / 1024**2:.0f} MB is over the {MAX_FILE_BYTES // 1024**2} MB limit; "
+        raise StructureError(f"{path}: too large ({size / 1024**2:.0f} MB is over the {MAX_FILE_BYTES // 1024**2} MB limit); "
                              "split it into one file per chain")
     try:
         data = path.read_bytes()
@@ -114,7 +114,7 @@ def read_gemmi(path: str | Path) -> gemmi.Structure:
         # gemmi reads a non-numeric PDB coordinate ('********' overflow, garbage) as 0 without a word
         bad = next(m for m in _PDB_XYZ.finditer(data) if m.group(1).translate(None, _NUMERIC))
         line = data.count(b"\n", 0, bad.start()) + 1
-        raise StructureError(f"{path}: corrupt coordinates on line {line} (x/y/z columns are not numbers); "
+        raise StructureError(f"{path}: corrupt coordinates (line {line}: the x/y/z columns are not numbers); "
                              "re-download or re-export the file")
     try:
         fmt = gemmi.CoorFormat.Mmcif if is_cif else gemmi.CoorFormat.Pdb
@@ -223,10 +223,10 @@ def _chain(gchain: gemmi.Chain, atoms: dict, parents: dict, min_length: int, cid
                 first = atom if first is None else first
         bfac[i] = (first if first is not None else res[0]).b_iso
     if not mask.any():
-        return f"none of the atoms {','.join(names)} is present"
+        return f"missing atoms (none of the atoms {','.join(names)} is present)"
     real = coords[mask]                                                # [N, 3]
     if not np.isfinite(real).all():
-        return "non-finite (NaN/inf) coordinates"
+        return "non-finite coordinates (NaN or inf)"
     if np.abs(real).max() > MAX_ABS_COORD:
         return f"absurd coordinates (|x| > {MAX_ABS_COORD:g} A)"
     return Chain(id=cid, kind=kind, sequence=seq, coords=coords.astype(np.float32), mask=mask, atoms=names,

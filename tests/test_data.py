@@ -164,12 +164,37 @@ def test_csv_manifests(tmp_path):
 
 def test_manifest_split_column(tmp_path):
     rows = []
-    for i, split in enumerate(["train", "train", "val", "test", "", "validation"]):
+    for i, split in enumerate(["train", "train", "val", "test", "", "validation", "trian"]):
         write(tmp_path / f"s{i}.pdb", make_chain(random_seq(30, seed=i), seed=i))
         rows.append({"id": f"s{i}", "structure_path": f"s{i}.pdb", "split": split})
     tr, va, rep = build_datasets(make_cfg(tmp_path, write_csv(tmp_path / "all.csv", rows)))
     assert tr.ids == ["s0", "s1", "s4"] and va.ids == ["s2", "s5"]
-    assert rep.train.skipped == {"unknown split": 1} and rep.split_method == "manifest split column"
+    assert rep.train.skipped == {"held-out split": 1, "unknown split": 1} and rep.split_method == "manifest split column"
+    # no val rows: the cluster split runs over train/unlabelled rows only, test rows stay out
+    no_val = [r for r in rows if r["split"] not in ("val", "validation")]
+    tr, va, rep = build_datasets(make_cfg(tmp_path, write_csv(tmp_path / "nv.csv", no_val), val_fraction=0.3))
+    assert sorted(tr.ids + va.ids) == ["s0", "s1", "s4"] and "sequence clusters" in rep.split_method
+    assert rep.train.skipped == {"held-out split": 1, "unknown split": 1}
+
+
+def test_split_column_holds_when_val_path_is_set(tmp_path):
+    """A manifest's val/test rows are never trained on, also when data.val_path gives the validation set."""
+    rows = []
+    for i, split in enumerate(["train", "", "val", "test", "holdout"]):
+        write(tmp_path / f"s{i}.pdb", make_chain(random_seq(30, seed=i), seed=i))
+        rows.append({"id": f"s{i}", "structure_path": f"s{i}.pdb", "split": split})
+    write(tmp_path / "v.pdb", make_chain(random_seq(40, seed=9), seed=9))
+    val = write_csv(tmp_path / "val.csv", [{"id": "v", "structure_path": "v.pdb", "split": "val"},
+                                            {"id": "s3", "structure_path": "s3.pdb", "split": "test"}])
+    tr, va, rep = build_datasets(make_cfg(tmp_path, write_csv(tmp_path / "all.csv", rows), val))
+    assert tr.ids == ["s0", "s1"] and va.ids == ["v"]
+    assert rep.train.skipped == {"held-out split": 3} and rep.val.skipped == {"held-out split": 1}
+    reasons = sorted(i["reason"] for i in rep.train.skipped_items)
+    assert "data.val_path gives the validation set" in reasons[-1] and "never trained" in reasons[0]
+    # the same manifest as both sources: each takes its own rows
+    both = write_csv(tmp_path / "both.csv", rows)
+    tr, va, rep = build_datasets(make_cfg(tmp_path, both, both))
+    assert tr.ids == ["s0", "s1"] and va.ids == ["s2"]
 
 
 def mutate(seq: str, n: int, seed: int) -> str:
