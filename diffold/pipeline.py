@@ -61,7 +61,7 @@ def featurize_cached(items: list[dict], spec: FeatureSpec, cache_dir: Path, num_
                         "set data.cache_dir to a writable directory") from None
     t0 = time.perf_counter()
     hasher = FileHasher(cache_dir)
-    keys = file_keys(items, spec, hasher)
+    keys = file_keys(items, spec, hasher, threads=num_proc)
     hasher.save()
     index = ShardIndex.load(cache_dir)
     index.remove_stale_tmp()
@@ -78,6 +78,11 @@ def featurize_cached(items: list[dict], spec: FeatureSpec, cache_dir: Path, num_
                else "in this process (fewer than 64 new files)")
         logger.info("data %s: featurizing %d of %d files (%d reused from %s) in %d shards, %s",
                     label, pending, len(items), len(items) - pending, cache_dir, len(jobs), how)
+        if pending == len(items) and index.where:  # a prepared cache that matches nothing: say why it may be
+            logger.warning("data %s: none of the %d files is in the cache at %s, which holds %d featurized files: "
+                           "were those made with other settings (task, data.atoms, data.min_length, the "
+                           "absurd-geometry limits) or another diffold version?", label, len(items), cache_dir,
+                           len(index.where))
         progress = Progress(pending, max(1, stats["workers"]))
 
         def publish(job: Job) -> None:
@@ -189,6 +194,11 @@ def prepare_tables(cfg, *, main_process_first: Callable = contextlib.nullcontext
             entries += predictor.entries(missing, rep)  # cached/predicted PDBs; failures skipped and counted
         items = group_by_file(entries)
         rep.files_seen = len(items)
+        if not items and not rep.skipped and not path.lower().endswith((".csv", ".tsv")):  # an empty directory
+            err = DataError(f"{path}: no structure files found (.pdb .cif .mmcif .ent, optionally .gz); "
+                            "check data.train_path / data.val_path")
+            err.report = report  # the caller can still write data_report.json
+            raise err
         with main_process_first():  # the main process featurizes; the others then find every shard cached
             table, order, stats = featurize_cached(items, spec, cache_root(cfg), cfg.data.num_proc,
                                                    cfg.data.file_timeout_s, label=path)

@@ -18,6 +18,7 @@ import math
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,15 +54,22 @@ class FileHasher:
             self.known = {}
         self.changed, self.hashed = False, 0
 
-    def sha256(self, path: str) -> str:
+    def _fresh(self, path: str) -> os.stat_result | None:
+        """The file's stat if its remembered hash cannot be trusted (new, changed, or hashed too soon after a write)."""
         st = os.stat(path)
         old = self.known.get(path)
-        if old and old[0] == st.st_size and old[1] == st.st_mtime_ns and st.st_mtime_ns < old[3] - RACY_NS:
-            return old[2]
-        digest = file_sha256(path)
-        self.known[path] = [st.st_size, st.st_mtime_ns, digest, time.time_ns()]
-        self.changed, self.hashed = True, self.hashed + 1
-        return digest
+        ok = old and old[0] == st.st_size and old[1] == st.st_mtime_ns and st.st_mtime_ns < old[3] - RACY_NS
+        return None if ok else st
+
+    def hash_all(self, paths: list[str], threads: int = 1) -> list[str]:
+        """sha256 of every path; unknown files are hashed by `threads` threads (hashlib releases the GIL)."""
+        todo = {p: st for p in dict.fromkeys(paths) if (st := self._fresh(p)) is not None}
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            for p, digest in zip(todo, pool.map(file_sha256, todo), strict=True):
+                st = todo[p]
+                self.known[p] = [st.st_size, st.st_mtime_ns, digest, time.time_ns()]
+        self.changed, self.hashed = self.changed or bool(todo), self.hashed + len(todo)
+        return [self.known[p][2] for p in paths]
 
     def save(self) -> None:
         if self.changed:
@@ -75,14 +83,13 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def file_keys(items: list[dict], spec: FeatureSpec, hasher: FileHasher) -> list[str]:
+def file_keys(items: list[dict], spec: FeatureSpec, hasher: FileHasher, threads: int = 1) -> list[str]:
     """One key per work item (file + the manifest rows that read it)."""
     base = settings_key(spec)
     keys = []
-    for it in items:
+    for it, digest in zip(items, hasher.hash_all([it["path"] for it in items], threads), strict=True):
         entries = [{k: v for k, v in e.items() if k != "path"} for e in it["entries"]]
-        keys.append(hashlib.sha256(json.dumps([base, hasher.sha256(it["path"]), it["display"], entries],
-                                              sort_keys=True).encode()).hexdigest())
+        keys.append(hashlib.sha256(json.dumps([base, digest, it["display"], entries], sort_keys=True).encode()).hexdigest())
     return keys
 
 

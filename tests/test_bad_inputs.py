@@ -122,6 +122,15 @@ def test_directory_named_like_a_structure_is_reported(tmp_path):
     assert [(i["source"], category(i["reason"])) for i in rep.to_dict()["train"]["skipped_items"]] == [("x.pdb", "not a file")]
 
 
+def test_empty_directory_is_one_clear_error_with_a_report(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError) as info:
+        build_datasets(make_cfg(tmp_path, tmp_path / "empty"))
+    assert str(info.value) == (f"{tmp_path / 'empty'}: no structure files found (.pdb .cif .mmcif .ent, optionally .gz); "
+                               "check data.train_path / data.val_path")
+    assert info.value.report.to_dict()["train"]["files_seen"] == 0  # the caller can write data_report.json
+
+
 def test_broken_manifest_rows(tmp_path):
     d = make_bad_dir(tmp_path)
     seq0 = random_seq(30, seed=0)

@@ -170,3 +170,12 @@ def test_featurize_module_stays_light():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["False", "False"], out.stderr
     assert featurize.SCHEMA.names[0] == "id" and os.path.basename(featurize.__file__) == "featurize.py"
+
+
+def test_a_cache_made_with_other_settings_is_named_in_the_log(tmp_path, caplog):
+    d = real_collection(tmp_path / "in", 12, kind="rna")
+    build_datasets(make_cfg(tmp_path, d))
+    with caplog.at_level(logging.INFO):
+        _, _, rep = build_datasets(make_cfg(tmp_path, d, min_length=12))  # another featurization setting
+    assert rep.featurization[str(d)]["featurized"] == 12
+    assert "none of the 12 files is in the cache" in caplog.text and "data.min_length" in caplog.text
