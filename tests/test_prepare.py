@@ -179,3 +179,11 @@ def test_a_cache_made_with_other_settings_is_named_in_the_log(tmp_path, caplog):
         _, _, rep = build_datasets(make_cfg(tmp_path, d, min_length=12))  # another featurization setting
     assert rep.featurization[str(d)]["featurized"] == 12
     assert "none of the 12 files is in the cache" in caplog.text and "data.min_length" in caplog.text
+
+
+def test_prepare_cli_bad_input_is_one_line_exit_2(tmp_path):
+    run = subprocess.run(prepare_cmd(tmp_path / "nope", tmp_path / "c"), cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such file, directory or glob match "
+                                               "(data.train_path / data.val_path)"]
