@@ -67,15 +67,23 @@ class DataConfig:
     batch_size: Optional[int] = None       # alias of training.batch_size (see README)
     max_tokens: Optional[int] = None       # token budget per batch instead of a fixed count
     num_workers: int = 0
-    num_proc: int = 1                      # datasets .map workers for featurization
+    num_proc: int = 1                      # featurization worker processes (and MMseqs2 threads)
+    file_timeout_s: float = 120.0          # a file parsing longer is skipped (counted, not cached, retried next run)
     cache_dir: Optional[str] = None        # None -> <repo>/.cache/diffold
     val_fraction: float = 0.1              # used when only train_path is given
     cluster_identity: float = 0.9          # sequences this similar never straddle the split
+    cluster_coverage: float = 0.8          # ... over at least this fraction of the shorter sequence
+    cluster_method: Literal["auto", "builtin", "mmseqs"] = "auto"  # auto: MMseqs2 for >= 2000 distinct sequences if installed
+    cluster_weights: bool = False          # scale each train chain's weight by 1 / its cluster's size (mean 1)
     use_predicted_structures: bool = False
     predicted_dir: Optional[str] = None    # cache of predicted PDBs; None -> <cache_dir>/predicted
     min_plddt: float = 70.0
     feature_dir: Optional[str] = None      # per-chain precomputed features (<id>.pt)
     bucket_size: int = 64                  # batches drawn from length buckets of this many chains
+    # physically absurd chains are skipped at featurization, counted in data_report.json (diffold/sanity.py)
+    max_abs_coordinate: float = 5000.0     # A; |x| at or above this (PDB placeholder 9999.999) skips the chain
+    max_consecutive_distance: float = 50.0  # A per step of residue numbering between consecutive observed residues
+    min_radius_of_gyration: float = 1.0    # A; a chain whose atoms all lie closer to their centre is collapsed
 
 
 @dataclass(frozen=True)

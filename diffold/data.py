@@ -1,109 +1,31 @@
-"""Structure files -> featurized Arrow cache (HF datasets) -> cropped examples -> padded Batches.
+"""Cached featurized rows -> cropped examples -> padded Batches -> loaders.
 
 build_datasets(cfg) -> (train, val | None, DataReport); build_loader(dataset, cfg, train=...) -> loader.
+Featurization, the cache and the split live in diffold/pipeline.py (shared with `python -m diffold.prepare`).
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import inspect
-import json
 import logging
-import os
 import pickle
-import shutil
-import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Dataset, load_from_disk
+from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from diffold import structure
 from diffold.batch import Batch
-from diffold.hashing import file_sha256
 from diffold.paths import safe_filename
+from diffold.pipeline import prepare_tables
 from diffold.plm import precompute_features
-from diffold.predicted import StructurePredictor
+from diffold.report import DataReport, SplitReport
 from diffold.sampler import BucketBatchSampler
-from diffold.sources import (
-    FEATURES,
-    TRAIN_NAMES,
-    VAL_NAMES,
-    DataError,
-    DataReport,
-    SplitReport,
-    cluster_split,
-    collect,
-    featurize_file,
-    group_by_file,
-)
-from diffold.tasks import Task, get_task
+from diffold.sources import DataError
 
+__all__ = ["DataError", "StructureDataset", "build_datasets", "build_loader", "collate", "load_features"]
 logger = logging.getLogger(__name__)
-
-FEATURIZE_VERSION = 1  # bump when the featurized rows change: invalidates every cache
-
-
-# --------------------------------------------------------------------------- featurization
-def _featurize_batch(batch: dict, task_name: str, atoms: list, min_length: int) -> dict:
-    """datasets .map(batched=True) adapter: a batch of files -> any number of chain/skip rows."""
-    out: dict[str, list] = {k: [] for k in FEATURES}
-    for path, display, entries in zip(batch["path"], batch["display"], batch["entries"], strict=True):
-        for row in featurize_file(path, display, json.loads(entries), get_task(task_name), tuple(atoms), min_length):
-            for k in FEATURES:
-                out[k].append(row[k])
-    return out
-
-
-def _fingerprint(items: list[dict], task: Task, atoms: tuple, min_length: int) -> str:
-    """sha256 over file contents, manifest rows and featurization settings (parser source included)."""
-    h = hashlib.sha256()
-    parser_src = inspect.getsource(structure).encode()
-    cfg = {"task": task.name, "atoms": list(atoms), "min_length": min_length, "version": FEATURIZE_VERSION,
-           "parser": hashlib.sha256(parser_src).hexdigest()}
-    h.update(json.dumps(cfg, sort_keys=True).encode())
-    for it in items:
-        h.update(json.dumps([it["display"], file_sha256(it["path"]),
-                             [{k: v for k, v in e.items() if k != "path"} for e in it["entries"]]]).encode())
-    return h.hexdigest()
-
-
-def featurize_cached(items: list[dict], key: str, cache_dir: Path, num_proc: int, fn_kwargs: dict,
-                     main_process_first: Callable = contextlib.nullcontext) -> tuple[Dataset, bool]:
-    """Featurized rows from cache_dir/<key>, building it once (main process first) atomically."""
-    if not items:  # nothing to parse (and datasets cannot reload an empty saved dataset)
-        return Dataset.from_dict({k: [] for k in FEATURES}, features=FEATURES), False
-    final = cache_dir / f"featurized-{key[:24]}"
-    with main_process_first():
-        if final.is_dir():
-            return load_from_disk(str(final)), True
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:  # a file where the directory should be, a read-only mount
-            raise DataError(f"cannot create data.cache_dir {cache_dir} ({e.strerror or e}): "
-                            "set data.cache_dir to a writable directory") from None
-        _remove_stale_tmp(cache_dir)
-        work = Dataset.from_list([{**it, "entries": json.dumps(it["entries"])} for it in items])
-        ds = work.map(_featurize_batch, batched=True, batch_size=1, remove_columns=work.column_names,
-                      features=FEATURES, fn_kwargs=fn_kwargs, desc="featurizing structures",
-                      num_proc=min(num_proc, len(items)) if num_proc > 1 else None)
-        tmp = cache_dir / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        ds.save_to_disk(str(tmp))
-        try:
-            os.rename(tmp, final)  # atomic: a killed run leaves only a .tmp-* dir, never a half cache
-        except OSError:  # another process published the same key first
-            shutil.rmtree(tmp, ignore_errors=True)
-        return load_from_disk(str(final)), False
-
-
-def _remove_stale_tmp(cache_dir: Path, max_age_s: float = 86400.0) -> None:
-    for p in cache_dir.glob(".tmp-featurized-*"):
-        if time.time() - p.stat().st_mtime > max_age_s:
-            shutil.rmtree(p, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- dataset
@@ -230,45 +152,8 @@ def build_loader(dataset: StructureDataset, cfg, *, train: bool, num_replicas: i
 
 
 # --------------------------------------------------------------------------- entry point
-def _usable_rows(table: Dataset, rep: SplitReport, taken: set[str] | None = None) -> list[int]:
-    """Indices of usable rows; skip rows and duplicate ids are counted into the report."""
-    meta = table.select_columns(["id", "source", "chain", "kind", "skip_reason"]).to_dict()
-    seen = set() if taken is None else taken
-    rows = []
-    for i, (cid, src, chain, kind, reason) in enumerate(zip(*meta.values(), strict=True)):
-        if kind:
-            rep.by_kind[kind] += 1
-        if reason:
-            rep.skip(src, chain or None, reason)
-        elif cid in seen:
-            rep.skip(src, chain or None, f"duplicate id: '{cid}' (kept the first)")
-        else:
-            seen.add(cid)
-            rows.append(i)
-    return rows
-
-
-def _split(table: Dataset, rows: list[int], cfg, task: Task, report: DataReport) -> tuple[list[int], list[int]]:
-    """One source -> (train rows, val rows): by the manifest's split column, else by sequence cluster."""
-    meta = table.select(rows).select_columns(["sequence", "split", "source", "chain"]).to_dict() if rows else {}
-    splits = meta.get("split", [])
-    if any(s in VAL_NAMES for s in splits):
-        report.split_method = "manifest split column"
-        train, val = [], []
-        for r, s, src, ch in zip(rows, splits, meta["source"], meta["chain"], strict=True):
-            if s in VAL_NAMES or s in TRAIN_NAMES or not s:
-                (val if s in VAL_NAMES else train).append(r)
-            else:
-                report.train.skip(src, ch or None, f"unknown split: '{s}' (use train or val)")
-        return train, val
-    d = cfg.data
-    report.split_method = (f"sequence clusters (k-mer identity >= {d.cluster_identity}, "
-                           f"val_fraction {d.val_fraction})")
-    flags = cluster_split(meta.get("sequence", []), d.cluster_identity, d.val_fraction, len(task.alphabet) - 1)
-    return [r for r, f in zip(rows, flags, strict=True) if not f], [r for r, f in zip(rows, flags, strict=True) if f]
-
-
-def _finish(table: Dataset, rows: list[int], rep: SplitReport, cfg, train: bool) -> StructureDataset:
+def _finish(table: Dataset, rows: list[int], rep: SplitReport, cfg, train: bool,
+            weight_scale: dict[int, float] | None = None) -> StructureDataset:
     """Drop chains without usable features (if any are configured), fill the report, build the dataset."""
     meta = table.select(rows).select_columns(["id", "length", "source", "chain"]).to_dict() if rows else {}
     keep = []
@@ -280,6 +165,8 @@ def _finish(table: Dataset, rows: list[int], rep: SplitReport, cfg, train: bool)
             keep.append(r)
     ds = StructureDataset(table, keep, max_length=cfg.data.max_length, train=train, seed=cfg.training.seed,
                           feature_dir=cfg.data.feature_dir)
+    if weight_scale is not None:  # data.cluster_weights: 1 / cluster size, mean 1
+        ds.weights = [w * weight_scale[r] for w, r in zip(ds.weights, keep, strict=True)]
     rep.chains_used, rep.ids = len(ds), list(ds.ids)
     rep.cropped = sum(n > cfg.data.max_length for n in ds.full_lengths)
     if not train and rows and not rep.files_seen:  # val carved out of the train source
@@ -290,48 +177,14 @@ def _finish(table: Dataset, rows: list[int], rep: SplitReport, cfg, train: bool)
 def build_datasets(cfg, *, main_process_first: Callable = contextlib.nullcontext
                    ) -> tuple[StructureDataset, StructureDataset | None, DataReport]:
     """Featurize (or reuse the cache of) the configured inputs; DataError if train has no usable chain."""
-    task = get_task(cfg.task)
-    atoms = task.resolve_atoms(cfg.data.atoms)
-    cache_dir = Path(cfg.data.cache_dir or ".cache/diffold")
-    report = DataReport()
-    predictor = StructurePredictor(cfg) if cfg.data.use_predicted_structures else None  # ESMFold, loaded lazily
-
-    def load(path: str, rep: SplitReport, taken: set[str] | None = None) -> tuple[Dataset, list[int]]:
-        missing: list | None = [] if predictor else None  # sequence-only manifest rows, to be predicted
-        entries = collect(path, task.kind, rep, missing)
-        if missing:
-            entries += predictor.entries(missing, rep)  # cached/predicted PDBs; failures skipped and counted
-        items = group_by_file(entries)
-        rep.files_seen = len(items)
-        key = _fingerprint(items, task, atoms, cfg.data.min_length)
-        kwargs = {"task_name": task.name, "atoms": list(atoms), "min_length": cfg.data.min_length}
-        table, report.cache_hit[path] = featurize_cached(items, key, cache_dir, cfg.data.num_proc, kwargs,
-                                                         main_process_first)
-        return table, _usable_rows(table, rep, taken)
-
-    if not cfg.data.train_path:
-        raise DataError("data.train_path is empty: give a directory, glob or CSV manifest of structures")
-    train_table, train_rows = load(cfg.data.train_path, report.train)
-    if cfg.data.val_path:
-        train_ids = set(train_table.select(train_rows).select_columns(["id"]).to_dict()["id"]) if train_rows else set()
-        val_table, val_rows = load(cfg.data.val_path, report.val, taken=set())
-        meta = val_table.select(val_rows).select_columns(["id", "source", "chain"]).to_dict() if val_rows else {}
-        for r, cid, src, ch in zip(list(val_rows), *meta.values(), strict=True):
-            if cid in train_ids:  # the same chain in both splits would leak
-                report.val.skip(src, ch or None, f"id also in the train set: '{cid}'")
-                val_rows.remove(r)
-    else:
-        val_table = train_table
-        train_rows, val_rows = _split(train_table, train_rows, cfg, task, report)
-    if predictor is not None:
-        predictor.close()  # free ESMFold before training
-        report.preprocessing["predicted_structures"] = predictor.stats.to_dict()
+    t = prepare_tables(cfg, main_process_first=main_process_first)
+    report, task = t.report, t.task
     if cfg.model.structure_encoder.plm_path:  # PLM features of every usable chain, before _finish checks them
-        chains = [pair for t, rows in ((train_table, train_rows), (val_table, val_rows)) if rows
-                  for pair in zip(*t.select(rows).select_columns(["id", "sequence"]).to_dict().values(), strict=True)]
+        chains = [pair for tab, rows in ((t.train_table, t.train_rows), (t.val_table, t.val_rows)) if rows
+                  for pair in zip(*tab.select(rows).select_columns(["id", "sequence"]).to_dict().values(), strict=True)]
         report.preprocessing["plm_features"] = precompute_features(cfg, chains).to_dict()
-    train = _finish(train_table, train_rows, report.train, cfg, train=True)
-    val = _finish(val_table, val_rows, report.val, cfg, train=False)
+    train = _finish(t.train_table, t.train_rows, report.train, cfg, train=True, weight_scale=t.weight_scale)
+    val = _finish(t.val_table, t.val_rows, report.val, cfg, train=False)
     for name, path, ds, rep in (("train", cfg.data.train_path, train, report.train),
                                 ("val", cfg.data.val_path, val, report.val)):
         if len(ds) == 0 and (name == "train" or path):

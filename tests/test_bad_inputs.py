@@ -63,6 +63,7 @@ BROKEN_FILES: dict[str, tuple[bytes | str | None, str]] = {
     "notes.txt": ("this is not a structure\n", "not a structure file"),
     "dangling.pdb": (None, "file not found"),  # a broken symlink
     "zz_copy/good0.pdb": (None, "duplicate id"),  # same name (-> same id) as a good one, found later
+    "a_folder.pdb": (None, "not a file"),  # a directory with a structure-file name
 }
 N_GOOD_FILES = 3
 
@@ -73,6 +74,7 @@ def make_bad_dir(root: Path) -> Path:
     for i in range(N_GOOD_FILES):
         write(d / f"good{i}.pdb", make_chain(random_seq(30 + i, seed=i), seed=i))
     (d / "zz_copy" / "good0.pdb").write_bytes((d / "good0.pdb").read_bytes())
+    (d / "a_folder.pdb").mkdir()
     os.symlink(d / "missing_target.pdb", d / "dangling.pdb")
     huge = make_chain(random_seq(30, seed=7))
     huge.coords[3, 0] = [1e6, 0.0, 0.0]
@@ -105,6 +107,28 @@ def test_broken_structure_files(tmp_path):
     assert sum(rep.train.skipped.values()) == len(BROKEN_FILES) + 1
     assert rep.train.skipped["empty file"] == 3 and rep.train.skipped["no chains"] == 4  # counted per category
     assert all(i["reason"] and "\n" not in i["reason"] for i in rep.train.skipped_items)
+    for i in rep.train.skipped_items:  # 'category: detail', the category said once ("no chains: no chains (...)")
+        head, _, detail = i["reason"].partition(": ")
+        assert not detail.startswith(head) and detail.count(head) == 0, i["reason"]
+
+
+def test_directory_named_like_a_structure_is_reported(tmp_path):
+    d = tmp_path / "in"
+    (d / "x.pdb").mkdir(parents=True)
+    write(d / "x.pdb" / "inner.pdb", make_chain(random_seq(30, seed=1), seed=1))  # read like any folder's files
+    write(d / "y.pdb", make_chain(random_seq(32, seed=2), seed=2))
+    tr, _, rep = build_datasets(make_cfg(tmp_path, d, write(tmp_path / "v.pdb", make_chain(random_seq(40, seed=3)))))
+    assert sorted(tr.ids) == ["inner_A", "y_A"]
+    assert [(i["source"], category(i["reason"])) for i in rep.to_dict()["train"]["skipped_items"]] == [("x.pdb", "not a file")]
+
+
+def test_empty_directory_is_one_clear_error_with_a_report(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError) as info:
+        build_datasets(make_cfg(tmp_path, tmp_path / "empty"))
+    assert str(info.value) == (f"{tmp_path / 'empty'}: no structure files found (.pdb .cif .mmcif .ent, optionally .gz); "
+                               "check data.train_path / data.val_path")
+    assert info.value.report.to_dict()["train"]["files_seen"] == 0  # the caller can write data_report.json
 
 
 def test_broken_manifest_rows(tmp_path):
@@ -130,7 +154,7 @@ def test_broken_manifest_rows(tmp_path):
         ({"id": "prot_row", "structure_path": "bad/good0.pdb", "molecule": "protein"}, "molecule is protein, task is rna"),
         ({"id": "dna_row", "structure_path": "bad/good0.pdb", "molecule": "DNA"}, "molecule is dna, task is rna"),
         ({"id": "bad_seq", "structure_path": "bad/good0.pdb", "sequence": "ACG1U"}, "bad sequence"),
-        ({"id": "a_dir", "structure_path": "bad/folder.pdb"}, "file not found"),
+        ({"id": "a_dir", "structure_path": "bad/folder.pdb"}, "not a file"),
         ({"id": "empty_file", "structure_path": "bad/empty.pdb"}, "empty file"),
         ({"id": "nan_chain", "structure_path": "bad/mixed_good_and_nan.pdb", "chain": "B"}, "non-finite coordinates"),
         ({"id": "train_id", "structure_path": "t.pdb"}, "id also in the train set"),
@@ -187,3 +211,86 @@ def test_broken_feature_files(tmp_path):
     assert reasons["c2_A.pt"].endswith("(need a float [L=32, F] tensor, got dict)")
     assert reasons["c3_A.pt"].endswith("(UnpicklingError)") and reasons["c4_A.pt"].endswith("(non-finite values)")
     assert reasons["c5_A.pt"].startswith("no feature file: ")
+
+
+# --------------------------------------------------------------------------- physically absurd chains (real files)
+EXAMPLES = Path(__file__).resolve().parents[1] / "data" / "examples"
+
+
+def _edited_shipped(out: Path, rel: str, edit) -> Path:
+    """A shipped real entry with edit(index, residue) applied to every residue of its first chain."""
+    import gemmi
+
+    st = gemmi.read_structure(str(EXAMPLES / rel))
+    for i, res in enumerate(st[0][0]):
+        edit(i, res)
+    st.setup_entities()
+    st.make_mmcif_document().write_file(str(out))  # mmCIF: -9999.0 does not fit PDB's 8.3f columns
+    return out
+
+
+def _shift(at: float | None = None, by=(0.0, 0.0, 0.0), start: int = 0, scale: float | None = None, centre=None):
+    def edit(i: int, res) -> None:
+        import gemmi
+
+        for atom in res:
+            p = atom.pos
+            if at is not None and i in range(10, 13):           # a placeholder for three residues
+                atom.pos = gemmi.Position(at, at, at)
+            elif scale is not None:                              # everything collapsed onto the centre
+                atom.pos = gemmi.Position(*(c + (v - c) * scale for v, c in zip((p.x, p.y, p.z), centre, strict=True)))
+            elif i >= start:                                     # a segment moved away
+                atom.pos = gemmi.Position(p.x + by[0], p.y + by[1], p.z + by[2])
+    return edit
+
+
+def _centre_and_radius(rel: str) -> tuple[tuple, float]:
+    """Centroid of the first chain's atoms and the largest distance of one of them from it."""
+    import gemmi
+
+    st = gemmi.read_structure(str(EXAMPLES / rel))
+    xyz = np.array([[a.pos.x, a.pos.y, a.pos.z] for r in st[0][0] for a in r])   # [N, 3] every atom
+    c = xyz.mean(0)
+    return tuple(c), float(np.linalg.norm(xyz - c, axis=1).max())
+
+
+def test_absurd_real_chains_are_skipped_with_counted_reasons(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    centre, radius = _centre_and_radius("rna/1ehz.pdb.gz")
+    cases = {  # file -> expected reason category
+        "plus9999.cif": (_shift(at=9999.999), "absurd coordinates"),
+        "minus9999.cif": (_shift(at=-9999.0), "absurd coordinates"),
+        "jump3000.cif": (_shift(by=(3000.0, 0.0, 0.0), start=40), "absurd geometry"),
+        "collapsed.cif": (_shift(scale=0.004 / radius, centre=centre), "degenerate coordinates"),
+    }
+    for name, (edit, _) in cases.items():
+        _edited_shipped(d / name, "rna/1ehz.pdb.gz", edit)
+    (d / "intact.pdb.gz").write_bytes((EXAMPLES / "rna" / "6tna.pdb.gz").read_bytes())
+    val = tmp_path / "val.pdb.gz"
+    val.write_bytes((EXAMPLES / "rna" / "1evv.pdb.gz").read_bytes())
+    tr, va, rep = build_datasets(make_cfg(tmp_path, d, val))
+    assert tr.ids == ["intact_A"] and va.ids == ["val_A"]
+    got = {i["source"]: i["reason"] for i in rep.to_dict()["train"]["skipped_items"]}
+    for name, (_, want) in cases.items():
+        assert category(got[name]) == want, got[name]
+    assert "3000" in got["jump3000.cif"] and "residues 40 and 41" in got["jump3000.cif"]  # 1ehz numbers from 1
+    assert rep.to_dict()["train"]["skipped"] == {"absurd coordinates": 2, "absurd geometry": 1, "degenerate coordinates": 1}
+    # the thresholds are config keys: a looser jump limit keeps the moved chain (its other checks pass)
+    tr2, _, rep2 = build_datasets(make_cfg(tmp_path / "loose", d, val, max_consecutive_distance=4000))
+    assert "jump3000_A" in tr2.ids and rep2.train.skipped["absurd geometry"] == 0
+
+
+def test_real_chain_breaks_still_load(tmp_path):
+    """4xw7 skips residues 46-56 in its numbering (kept, residue_index shows the gap); 4qlm is renumbered
+    1-108 over a physical break (25.5 A between C4' atoms of 'consecutive' residues, kept)."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("4xw7", "4qlm", "5lj3"):
+        (d / f"{name}.pdb.gz").write_bytes((EXAMPLES / "rna" / f"{name}.pdb.gz").read_bytes())
+    val = tmp_path / "val.pdb.gz"
+    val.write_bytes((EXAMPLES / "rna" / "1evv.pdb.gz").read_bytes())
+    tr, _, rep = build_datasets(make_cfg(tmp_path, d, val, max_length=512))
+    assert sorted(tr.ids) == ["4qlm_A", "4xw7_A", "5lj3_E", "5lj3_I"] and not rep.train.skipped
+    ri = tr[tr.ids.index("4xw7_A")]["residue_index"]
+    assert len(ri) == 60 and int(ri[-1]) == 59 + 11 and int((ri[1:] - ri[:-1]).max()) == 12  # 45 -> 57

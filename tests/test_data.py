@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
 
 from diffold import structure
 from diffold.batch import Batch
+from diffold.clustering import cluster, kmer_size
 from diffold.config import load_config
 from diffold.data import DataError, build_datasets, build_loader, collate
+from diffold.featurize import residue_positions
 from diffold.sampler import BucketBatchSampler
-from diffold.sources import cluster, kmer_size, residue_positions
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "data" / "examples"
 
@@ -86,11 +86,13 @@ def test_directory_input_and_cache_reuse(tmp_path, rna_dir, monkeypatch):
 
     monkeypatch.setattr(structure, "parse_structure", no_parsing)
     train2, val2, rep2 = build_datasets(cfg)
-    assert rep2.cache_hit == {str(rna_dir): True}
-    assert {**rep2.to_dict(), "cache_hit": None} == {**d, "cache_hit": None}
+    assert rep2.cache_hit == {str(rna_dir): True} and rep2.featurization[str(rna_dir)]["featurized"] == 0
+    assert rep2.clustering["reused"] and rep2.clustering["clusters"] == d["clustering"]["clusters"]
+    volatile = {"cache_hit": None, "featurization": None, "clustering": None}
+    assert {**rep2.to_dict(), **volatile} == {**d, **volatile}
     assert train2.ids == train.ids and torch.equal(train2[0]["coords"], train[0]["coords"])
-    entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert len(entries) == 1 and entries[0].startswith("featurized-")  # no tmp leftovers
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["clusters", "filehash.json", "shards"]
+    assert not [p for p in (tmp_path / "cache" / "shards").iterdir() if p.name.startswith(".tmp")]  # no leftovers
 
 
 def test_cache_key_follows_file_content_not_mtime(tmp_path, rna_dir):
@@ -103,29 +105,18 @@ def test_cache_key_follows_file_content_not_mtime(tmp_path, rna_dir):
     assert not build_datasets(make_cfg(tmp_path, rna_dir, min_length=12))[2].cache_hit[str(rna_dir)]
 
 
-def test_killed_cache_write_leaves_no_cache(tmp_path, rna_dir, monkeypatch):
-    cfg = make_cfg(tmp_path, rna_dir)
-    real_save = Dataset.save_to_disk
-
-    def dies_midway(self, path, **kw):
-        real_save(self, path, **kw)
-        (Path(path) / "state.json").unlink()  # half-written
-        raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(Dataset, "save_to_disk", dies_midway)
-    with pytest.raises(KeyboardInterrupt):
-        build_datasets(cfg)
-    assert not list((tmp_path / "cache").glob("featurized-*"))
-    monkeypatch.setattr(Dataset, "save_to_disk", real_save)
-    assert not build_datasets(cfg)[2].cache_hit[str(rna_dir)]
-    assert build_datasets(cfg)[2].cache_hit[str(rna_dir)]
-
-
-def test_parallel_featurization_matches_serial(tmp_path, rna_dir):
-    one = build_datasets(make_cfg(tmp_path / "a", rna_dir, val_fraction=0.2))
-    two = build_datasets(make_cfg(tmp_path / "b", rna_dir, val_fraction=0.2, num_proc=2))
+def test_parallel_featurization_matches_serial(tmp_path):
+    d = tmp_path / "many"
+    d.mkdir()
+    for i in range(40):  # > 16 files per shard: several shards, so two workers really run
+        write(d / f"r{i:02d}.pdb", make_chain(random_seq(30 + i, seed=i), seed=i))
+    one = build_datasets(make_cfg(tmp_path / "a", d, val_fraction=0.2))
+    two = build_datasets(make_cfg(tmp_path / "b", d, val_fraction=0.2, num_proc=2))
+    assert one[2].featurization[str(d)]["workers"] == 0 and two[2].featurization[str(d)]["workers"] == 2
     assert one[2].to_dict()["train"] == two[2].to_dict()["train"] and one[1].ids == two[1].ids
     assert all(torch.equal(one[0][i]["coords"], two[0][i]["coords"]) for i in range(len(one[0])))
+    shards = [sorted(p.name for p in (t / "cache" / "shards").iterdir()) for t in (tmp_path / "a", tmp_path / "b")]
+    assert shards[0] == shards[1] and len(shards[0]) == 2 * 3  # the same content-addressed shards (.arrow + .json)
 
 
 def test_main_process_first_wraps_each_source(tmp_path, rna_dir):
@@ -164,12 +155,37 @@ def test_csv_manifests(tmp_path):
 
 def test_manifest_split_column(tmp_path):
     rows = []
-    for i, split in enumerate(["train", "train", "val", "test", "", "validation"]):
+    for i, split in enumerate(["train", "train", "val", "test", "", "validation", "trian"]):
         write(tmp_path / f"s{i}.pdb", make_chain(random_seq(30, seed=i), seed=i))
         rows.append({"id": f"s{i}", "structure_path": f"s{i}.pdb", "split": split})
     tr, va, rep = build_datasets(make_cfg(tmp_path, write_csv(tmp_path / "all.csv", rows)))
     assert tr.ids == ["s0", "s1", "s4"] and va.ids == ["s2", "s5"]
-    assert rep.train.skipped == {"unknown split": 1} and rep.split_method == "manifest split column"
+    assert rep.train.skipped == {"held-out split": 1, "unknown split": 1} and rep.split_method == "manifest split column"
+    # no val rows: the cluster split runs over train/unlabelled rows only, test rows stay out
+    no_val = [r for r in rows if r["split"] not in ("val", "validation")]
+    tr, va, rep = build_datasets(make_cfg(tmp_path, write_csv(tmp_path / "nv.csv", no_val), val_fraction=0.3))
+    assert sorted(tr.ids + va.ids) == ["s0", "s1", "s4"] and "sequence clusters" in rep.split_method
+    assert rep.train.skipped == {"held-out split": 1, "unknown split": 1}
+
+
+def test_split_column_holds_when_val_path_is_set(tmp_path):
+    """A manifest's val/test rows are never trained on, also when data.val_path gives the validation set."""
+    rows = []
+    for i, split in enumerate(["train", "", "val", "test", "holdout"]):
+        write(tmp_path / f"s{i}.pdb", make_chain(random_seq(30, seed=i), seed=i))
+        rows.append({"id": f"s{i}", "structure_path": f"s{i}.pdb", "split": split})
+    write(tmp_path / "v.pdb", make_chain(random_seq(40, seed=9), seed=9))
+    val = write_csv(tmp_path / "val.csv", [{"id": "v", "structure_path": "v.pdb", "split": "val"},
+                                            {"id": "s3", "structure_path": "s3.pdb", "split": "test"}])
+    tr, va, rep = build_datasets(make_cfg(tmp_path, write_csv(tmp_path / "all.csv", rows), val))
+    assert tr.ids == ["s0", "s1"] and va.ids == ["v"]
+    assert rep.train.skipped == {"held-out split": 3} and rep.val.skipped == {"held-out split": 1}
+    reasons = sorted(i["reason"] for i in rep.train.skipped_items)
+    assert "data.val_path gives the validation set" in reasons[-1] and "never trained" in reasons[0]
+    # the same manifest as both sources: each takes its own rows
+    both = write_csv(tmp_path / "both.csv", rows)
+    tr, va, rep = build_datasets(make_cfg(tmp_path, both, both))
+    assert tr.ids == ["s0", "s1"] and va.ids == ["s2"]
 
 
 def mutate(seq: str, n: int, seed: int) -> str:

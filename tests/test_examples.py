@@ -108,3 +108,24 @@ def test_sequence_identity(builder):
     # a 10-mer at 90% somewhere in a long chain is chance, not the same molecule
     assert not builder.same_molecule("ACGUAGGUAC", "UUUU" + "ACGUACGUAC" + "U" * 40)
     assert builder.same_molecule("ACGUAGGUACGUACGUAGGUAC", "ACGUACGUACGUACGUACGUAC")
+
+
+def test_no_shipped_chain_is_absurd():
+    """The absurd-geometry defaults (diffold/sanity.py) reject none of the shipped real chains, with margin:
+    the largest distance between consecutive-numbered residues is 4qlm_A's 25.5 A (a renumbered extract
+    hiding a break), every other chain stays under 7.4 A (C4'-C4') / 4.0 A (CA-CA)."""
+    import numpy as np
+
+    from diffold.sanity import GeometryLimits, geometry_problem
+
+    limits, worst = GeometryLimits(), {}
+    for path in sorted(EXAMPLES.rglob("*.gz")):
+        for ch in parse_structure(path, min_length=1)[0]:
+            assert geometry_problem(ch.coords, ch.mask, ch.residue_numbers, limits) == "", ch.id
+            ok = ch.mask[1:, 0] & ch.mask[:-1, 0] & (np.diff(ch.residue_numbers) == 1)
+            d = np.linalg.norm(np.diff(ch.coords[:, 0], axis=0), axis=1)[ok]
+            worst[ch.id] = float(d.max()) if len(d) else 0.0
+    top = sorted(worst, key=worst.get)[-2:]
+    assert top[-1] == "4qlm_A" and 25 < worst["4qlm_A"] < 26 and worst[top[0]] < 7.4
+    assert worst["4qlm_A"] * 1.9 < limits.max_consecutive_distance
+    assert len(worst) > 100

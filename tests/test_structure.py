@@ -276,3 +276,35 @@ def test_file_stem():
     assert structure.file_stem("pdb1ubi.ent") == "pdb1ubi"
     assert structure.file_stem("x.mmcif") == "x"
     assert structure.file_stem("3jbv_A.pdb") == "3jbv_A"
+
+
+def _inflaters() -> list:
+    import zlib
+    out = [zlib]
+    try:
+        from isal import isal_zlib
+        out.append(isal_zlib)
+    except ImportError:  # optional dependency: only zlib is tested then
+        pass
+    return out
+
+
+@pytest.mark.parametrize("inflate", _inflaters(), ids=lambda m: m.__name__)
+def test_gzip_members_padding_truncation_and_bombs(tmp_path, monkeypatch, inflate):
+    """Multi-member gzip (bgzip) is read whole; zero padding is fine; trailing garbage, a cut stream and an
+    over-limit expansion are one-line errors: with zlib and with ISA-L (if installed) alike."""
+    monkeypatch.setattr(structure, "_inflate", inflate)
+    monkeypatch.setattr(structure, "_INFLATE_ERRORS", (__import__("zlib").error, inflate.error))
+    text = gzip.decompress((EXAMPLES / "rna" / "1ehz.pdb.gz").read_bytes())
+    cut = text.index(b"\nATOM", len(text) // 2) + 1
+    (tmp_path / "multi.pdb.gz").write_bytes(gzip.compress(text[:cut]) + gzip.compress(text[cut:]) + b"\0" * 64)
+    chains, _ = parse_structure(tmp_path / "multi.pdb.gz")
+    assert [len(c.sequence) for c in chains] == [76]
+    for name, data, words in (("junk.pdb.gz", gzip.compress(text) + b"junk", "data after the end of the gzip"),
+                              ("cut.pdb.gz", gzip.compress(text)[:-500], "broken or truncated gzip")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(StructureError, match=words):
+            parse_structure(tmp_path / name)
+    monkeypatch.setattr(structure, "MAX_TEXT_BYTES", len(text) - 1)
+    with pytest.raises(StructureError, match="too large: |too large .over"):
+        parse_structure(tmp_path / "multi.pdb.gz")
