@@ -73,19 +73,24 @@ def test_gpu_accelerate_config_on_a_cpu_machine_is_a_warning(data, tmp_path):
                for d in start["decisions"])
 
 
-def test_failed_start_leaves_report_log_and_end_event(tmp_path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
+@pytest.mark.parametrize("inputs,words", [("empty", "no structure files found"),
+                                          ("proteins_only", "no usable rna chain")])
+def test_failed_start_leaves_report_log_and_end_event(tmp_path, inputs, words):
+    data = tmp_path / inputs
+    data.mkdir()
+    if inputs == "proteins_only":  # real files, none usable for the RNA task
+        for f in sorted((ROOT / "data/examples/protein").iterdir())[:2]:
+            (data / f.name).write_bytes(f.read_bytes())
     out = tmp_path / "run"
-    r = run(["--config", str(ROOT / "configs/smoke.yaml"), "--output_dir", str(out), f"data.train_path={empty}",
+    r = run(["--config", str(ROOT / "configs/smoke.yaml"), "--output_dir", str(out), f"data.train_path={data}",
              "data.val_path=null", f"data.cache_dir={tmp_path / 'cache'}", "logging.log_with=[]"])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "see data_report.json" in last
-    report = json.loads((out / "data_report.json").read_text())  # the file the error line points at exists
+    assert last.startswith("error: ") and words in last, last
+    report = json.loads((out / "data_report.json").read_text())  # written, whatever the line points at
     assert report["train"]["chains_used"] == 0
     (end,) = events(out, "end")
-    assert end["status"] == "failed" and end["exit_code"] == 2 and "no usable rna chain" in end["reason"]
+    assert end["status"] == "failed" and end["exit_code"] == 2 and words in end["reason"]
     assert json.loads((out / "heartbeat.json").read_text())["status"] == "failed"
     log = next((out / "logs").glob("training_*.log")).read_text()
     assert "run did not start (failed)" in log
