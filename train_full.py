@@ -11,7 +11,6 @@ import argparse
 import errno
 import logging
 import math
-import os
 import sys
 import time
 from datetime import timedelta
@@ -19,16 +18,16 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs, PartialState
+from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.utils import (
     DistributedType,
     ProjectConfiguration,
     broadcast_object_list,
-    parse_flag_from_env,
     set_seed,
 )
 
 import diffold
+from diffold import distributed
 from diffold.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -66,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def resume_command(run_dir: Path, num_processes: int, device_type: str = "cuda") -> str:
+    relaunch = distributed.relaunch_command(run_dir)  # the launch as it was made (launch_train.sh, sbatch, accelerate)
+    if relaunch:
+        return relaunch
     launch = "python"
     if num_processes > 1 and device_type == "cpu":
         launch = f"ACCELERATE_USE_CPU=true accelerate launch --config_file accelerate_configs/cpu_ddp.yaml --num_processes {num_processes}"
@@ -86,13 +88,10 @@ def resolve_run_dir(cfg: Config, output_dir: str | None, stem: str) -> Path:
 def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None = None, stem: str = "run") -> dict:
     """The whole run; returns a summary (status, steps, first/last loss, final EMA/model weights)."""
     # ---- accelerator: devices, precision, accumulation, process group --------------------------
-    # process group first (ranks agree on run_dir). PartialState ignores ACCELERATE_USE_CPU (only
-    # AcceleratorState reads it): without cpu= here, 2 CPU processes would each train alone.
-    ps = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(seconds=cfg.distributed.timeout_s))
-    if int(os.environ.get("WORLD_SIZE", "1")) != ps.num_processes:
-        raise ConfigError(f"launched {os.environ['WORLD_SIZE']} processes but the process group has {ps.num_processes}: "
-                          "each would train alone; on CPU set ACCELERATE_USE_CPU=true (accelerate_configs/cpu_ddp.yaml)")
+    # process group first (ranks agree on run_dir); a launch that did not form stops here (exit 2)
+    ps = distributed.form_process_group(cfg.distributed.timeout_s)
     run_dir = resolve_run_dir(cfg, output_dir, stem)
+    distributed.claim_run_dir(run_dir, ps)  # run.lock: one job per run directory
     log_with = [t for t in cfg.logging.log_with if not (t == "wandb" and wandb_mode(cfg.logging.wandb_mode) == "disabled")]
     acc = Accelerator(
         gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
@@ -114,12 +113,13 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
         save_config(cfg, run_dir / "config.yaml")
     acc.wait_for_everyone()
     setup_logging(run_dir, acc, cfg.logging.log_level)
+    distributed.log_launch()
     task = get_task(cfg.task)
     atoms = task.resolve_atoms(cfg.data.atoms)
     k = cfg.training.gradient_accumulation_steps
 
     # ---- data -----------------------------------------------------------------------------------
-    train_ds, val_ds, report = build_datasets(cfg, main_process_first=acc.main_process_first)
+    train_ds, val_ds, report = build_datasets(cfg, main_process_first=distributed.cache_context(cfg.data.cache_dir, ps))
     if acc.is_main_process:
         write_json_atomic(run_dir / "data_report.json", report.to_dict())
     shard = {"num_replicas": acc.num_processes, "rank": acc.process_index}
@@ -453,8 +453,12 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if distributed.is_peer_failure(e):  # a peer died or stopped answering: one line, exit 5
+            return distributed.on_peer_failure(e)
+        raise
     return 0 if result["status"] in ("finished", "early_stopped", "max_steps") else 3
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distributed.exit_process(main())  # skips the interpreter teardown after a multi-process run
