@@ -344,6 +344,7 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
                                                        "lost_log_records": runlog.dropped_writes})
     runlog.heartbeat(state.global_step, state.epoch, "done", status)
     runlog.finish()
+    distributed.release_run_dir()  # run.lock: this run no longer writes here
     if progress is not None:
         progress.close()
     last = state.loss_history[-1][1] if state.loss_history else None

@@ -44,6 +44,7 @@ class _Session:
         self.run_dir: Path | None = None
         self.lock: RunLock | None = None
         self.multi = False  # a process group of more than one process was formed
+        self.watching = False  # the launcher watch thread runs
 
 
 _SESSION = _Session()
@@ -111,15 +112,20 @@ def num_nodes(ps) -> int:
 def _watch_launcher(poll_s: float = 1.0) -> None:
     """A worker whose launcher died (kill -9 of `accelerate launch`) stops instead of training on as an
     orphan nobody can stop or resume; its peers then see a dead peer (exit 5 there too)."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
+    if "TORCHELASTIC_RUN_ID" not in os.environ or _SESSION.watching:
         return
+    _SESSION.watching = True
     parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
-        print(f"error: the launcher of this process (pid {parent}) died: rank {os.environ.get('RANK', '?')} "
-              f"stops (exit {PEER_FAILURE_EXIT})", file=sys.stderr, flush=True)
+        msg = (f"the launcher of this process (pid {parent}) died: rank {os.environ.get('RANK', '?')} "
+               f"stops (exit {PEER_FAILURE_EXIT})")
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        if _SESSION.run_dir is not None and os.environ.get("RANK", "0") == "0":
+            _record_end(_SESSION.run_dir, msg)
+        release_run_dir()
         os._exit(PEER_FAILURE_EXIT)
 
     threading.Thread(target=watch, name="diffold-launcher-watch", daemon=True).start()
@@ -183,15 +189,18 @@ def _cache_is_shared(path: Path, ps) -> bool:
     name = [f".diffold-probe-{uuid.uuid4().hex}" if ps.is_main_process else None]
     broadcast_object_list(name)
     probe = path / name[0]
-    if ps.is_local_main_process:
-        path.mkdir(parents=True, exist_ok=True)
-    if ps.is_main_process:
-        probe.write_text(f"{os.getpid()}\n")
+    try:  # an unwritable cache_dir is reported by build_datasets; every rank still takes the collectives
+        if ps.is_local_main_process:
+            path.mkdir(parents=True, exist_ok=True)
+        if ps.is_main_process:
+            probe.write_text(f"{os.getpid()}\n")
+    except OSError as e:
+        log.warning("cannot probe data.cache_dir %s (%s): treated as shared", path, e)
     ps.wait_for_everyone()
-    seen = gather_object([probe.exists() or not ps.is_local_main_process])
+    seen = gather_object([probe.exists() or not ps.is_local_main_process])  # by rank; [0]: the writer
     if ps.is_main_process:
         probe.unlink(missing_ok=True)
-    return all(seen)
+    return all(seen) or not seen[0]  # no probe written: fall back to "shared" (global main process first)
 
 
 def log_launch() -> None:
@@ -209,7 +218,7 @@ def relaunch_command(run_dir: Path) -> str | None:
     req = _SESSION.request
     if req is None or req.launcher != "accelerate launch" or req.launcher_args is None:
         return None
-    cmd = (f"accelerate launch {shlex.join(req.launcher_args)} train_full.py --config {run_dir}/config.yaml "
+    cmd = (f"accelerate launch {shlex.join(req.launcher_args)} {req.script} --config {run_dir}/config.yaml "
            f"--output_dir {run_dir} --resume auto")
     return f"on each of the {req.machines} machines (its own --machine_rank): {cmd}" if req.machines > 1 else cmd
 

@@ -26,6 +26,7 @@ class LaunchRequest:
     use_cpu: bool = False
     config: str | None = None     # accelerate config file
     launcher_args: tuple[str, ...] | None = None  # accelerate launch arguments before the script
+    script: str = "train_full.py"  # the training script as the launcher was given it
     hint: str = "the launched processes did not join one process group"
 
     def describe(self) -> str:
@@ -80,7 +81,7 @@ def from_accelerate_argv(argv: list[str]) -> LaunchRequest | None:
     head = tuple(argv[:argv.index(script)]) if script in argv else None
     return LaunchRequest("accelerate launch", int(machines), int(processes),
                          use_cpu=bool(args.cpu or getattr(cfg, "use_cpu", False)),
-                         config=str(Path(path)) if path else None, launcher_args=head,
+                         config=str(Path(path)) if path else None, launcher_args=head, script=script,
                          hint=CPU_HINT if simple else "the launched processes did not join one process group")
 
 

@@ -248,7 +248,7 @@ def test_sbatch_trains_on_two_fake_nodes(data, tmp_path):
     """The batch script for real on 2 fake nodes (CPU: GPUS_PER_NODE=0) over loopback."""
     run = tmp_path / "run"
     env = slurm_env(tmp_path, "4243", 2, SLURM_JOB_NODELIST="127.0.0.1,127.0.0.1", GPUS_PER_NODE="0")
-    argv = [a for a in args(data) if a != "training.num_epochs=2"] + ["training.num_epochs=1"]
+    argv = [a for a in args(data, cache="cache_sbatch") if a != "training.num_epochs=2"] + ["training.num_epochs=1"]
     r = subprocess.run(["bash", str(ROOT / "scripts/slurm/train.sbatch"), *argv, "--output_dir", str(run)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     node0 = (tmp_path / "slurm/node0.log").read_text()
@@ -260,6 +260,26 @@ def test_sbatch_trains_on_two_fake_nodes(data, tmp_path):
     assert (f"Resume/continue: sbatch --nodes=2 {ROOT}/scripts/slurm/train.sbatch --config {run}/config.yaml "
             f"--output_dir {run} --resume auto") in node0
     assert "scontrol requeue" not in (tmp_path / "slurm/calls.log").read_text()
+    # one data cache seen by both machines: built once, by the global main process only
+    assert "data cache " in node0 and "shared by all 2 machines" in node0
+    node1 = (tmp_path / "slurm/node1.log").read_text()
+    assert node0.count("featurizing structures:   0%") == 2 and "featurizing" not in node1  # train + val
+
+
+@pytest.mark.reliability_full
+def test_two_machines_with_two_processes_each(data):
+    """2 x 2 processes, node-local caches: each machine's cache is built by its local main process only."""
+    run = data.out / "two_by_two"
+    argv = [[*args(data, "training.max_steps=4", cache=f"cache_2x2_node{r}"), "--output_dir", str(run)]
+            for r in range(2)]
+    r = run_nodes(argv, data.out, "two_by_two", procs_per_node=2)
+    assert r.codes == [0, 0], r.logs[0][-3000:] + r.logs[1][-3000:]
+    assert "process group: 4 processes on 2 machine(s) (2 per machine)" in r.logs[0]
+    assert "effective batch 4 = 1 x 1 accum x 4 proc" in r.logs[0] and "node-local" in r.logs[0]
+    for log in r.logs:  # train + val featurized once per machine, not once per process
+        assert log.count("featurizing structures:   0%") == 2, log[-3000:]
+    (end,) = events(run, "end")
+    assert end["status"] == "finished" and end["step"] == 4 and end["rank_param_checksums_equal"] is True
 
 
 # ---------------------------------------------------------------------------- launch_train.sh
