@@ -144,8 +144,8 @@ def claim_run_dir(run_dir: Path, ps) -> None:
             _SESSION.lock, verdict[1], verdict[2] = RunLock.acquire(Path(run_dir))
         except RunDirBusy as e:
             verdict[0] = str(e)
-        except OSError as e:  # unwritable parent, a file where the directory should be
-            verdict[0] = f"cannot lock run directory {run_dir} ({e.strerror or e}): choose a writable --output_dir"
+        except OSError as e:  # unwritable: nobody else can write there either; the first write says what is wrong
+            verdict[1], verdict[2] = f"run directory {run_dir} not locked ({e.strerror or e})", True
     if ps.num_processes > 1:
         broadcast_object_list(verdict)
     if verdict[0]:
