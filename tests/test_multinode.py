@@ -135,11 +135,9 @@ def test_two_machines_on_loopback_form_one_run(two_nodes, data):
     # one run directory, one log file, one W&B run
     assert len(list((run / "logs").glob("training_*.log"))) == 1
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1
-    # node-local caches: detected, and each node built its own once
+    # node-local caches: detected, and each node built its own (once: test_data_cache_is_built_once_...)
     assert "node-local (not every node sees the main process's probe file)" in log0
-    for r in range(2):
-        built = sorted(p.name for p in (data.out / f"cache_node{r}").iterdir())
-        assert len(built) == 2 and all(n.startswith("featurized-") for n in built), built  # train + val
+    assert all(any((data.out / f"cache_node{r}").iterdir()) for r in range(2))
     # the dead job's lock was taken over with a warning, and this run's lock is gone after a clean end
     assert "WARNING diffold.distributed: stale run.lock of a dead job" in log0
     assert not (run / "run.lock").exists()
@@ -517,10 +515,11 @@ def test_silent_machine_times_out_with_exit_5(data, tmp_path):
 
 
 @pytest.mark.reliability_full
-def test_sbatch_time_limit_signal_checkpoints_and_requeues(data, tmp_path):
+def test_sbatch_time_limit_signal_checkpoints_and_requeues(data, tmp_path, two_nodes):
     """SIGUSR1 to the batch shell (what --signal=B:USR1@300 does): forwarded with scancel to every process of
     the steps, the launchers pass it on instead of dying, the training stops with a checkpoint (exit 75),
-    the job requeues itself, and the restart (SLURM_RESTART_COUNT=1) resumes to the end."""
+    the job requeues itself, and the restart (SLURM_RESTART_COUNT=1) resumes to the end, bit-identical to
+    the uninterrupted 2-machine run."""
     run = tmp_path / "run"
     env = slurm_env(tmp_path, "4244", 2, SLURM_JOB_NODELIST="127.0.0.1,127.0.0.1", GPUS_PER_NODE="0")
     cmd = ["bash", str(ROOT / "scripts/slurm/train.sbatch"), *args(data, "health.inject_faults=slow@2-15"),
@@ -543,7 +542,9 @@ def test_sbatch_time_limit_signal_checkpoints_and_requeues(data, tmp_path):
     end = events(run, "end")[-1]
     assert end["status"] == "interrupted" and end["exit_code"] == 75
     shutil.rmtree(tmp_path / "slurm")
+    (tmp_path / "slurm").mkdir()
     env["SLURM_RESTART_COUNT"] = "1"
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0 and "restart 1 of job 4244: --resume auto" in r.stdout
     assert events(run, "end")[-1]["status"] == "finished"
+    assert_bit_identical(two_nodes.run, run)  # pre-empted + requeued = uninterrupted, bit for bit
