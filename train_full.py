@@ -27,9 +27,11 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from accelerate.utils import DistributedType, set_seed
 
 import diffold
+from diffold import distributed
 from diffold.atomic import write_json_atomic
 from diffold.checkpoint import CheckpointError, CheckpointManager
 from diffold.checkpoint_check import config_changes
@@ -50,7 +52,6 @@ from diffold.startup import (
     choose_threads,
     make_accelerator,
     precision_used,
-    process_group,
     resolve_run_dir,
 )
 from diffold.state import TrainState
@@ -73,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def resume_command(run_dir: Path, num_processes: int, device_type: str = "cuda") -> str:
+    relaunch = distributed.relaunch_command(run_dir)  # the launch as it was made (launch_train.sh, sbatch, accelerate)
+    if relaunch:
+        return relaunch
     launch = "python"
     if num_processes > 1 and device_type == "cpu":
         launch = f"ACCELERATE_USE_CPU=true accelerate launch --config_file accelerate_configs/cpu_ddp.yaml --num_processes {num_processes}"
@@ -97,8 +101,9 @@ def begin(cfg: Config, output_dir: str | None, resume: str | None, stem: str) ->
     """Process group, accelerator, run directory, logging, and which checkpoint to resume (checked first)."""
     decisions = Decisions()
     choose_threads(decisions)
-    process_group(cfg)
+    ps = distributed.form_process_group(cfg.distributed.timeout_s)  # a launch that did not form: exit 2
     run_dir = resolve_run_dir(cfg, output_dir, stem)
+    distributed.claim_run_dir(run_dir, ps)  # run.lock: one job per run directory, before anything is written
     log_with = [t for t in cfg.logging.log_with if not (t == "wandb" and wandb_mode(cfg.logging.wandb_mode) == "disabled")]
     acc = make_accelerator(cfg, run_dir, log_with, decisions)
     if acc.is_main_process:
@@ -109,6 +114,7 @@ def begin(cfg: Config, output_dir: str | None, resume: str | None, stem: str) ->
                                   "--output_dir" + (" or free disk space" if e.errno == errno.ENOSPC else "")) from None
     acc.wait_for_everyone()
     setup_logging(run_dir, acc, cfg.logging.log_level)
+    distributed.log_launch()
     ckpts = CheckpointManager(run_dir, acc, cfg.checkpoint.keep_last_n)
     runlog = RunLog(run_dir, acc, 0, resume_command(run_dir, acc.num_processes, acc.device.type))
     start = Start(acc, run_dir, ckpts, [], runlog, decisions)
@@ -145,15 +151,18 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None 
           guard: PreemptionGuard | None = None) -> dict:
     """The whole run; returns a summary (status, exit code, steps, losses, final EMA/model, ...)."""
     guard = guard or PreemptionGuard()
-    start = begin(cfg, str(output_dir) if output_dir else None, resume, stem)
     try:
-        return _train(cfg, start, guard, resume)
-    except STARTUP_ERRORS as e:  # one `error:` line in main(); the run directory keeps the trace
-        interrupted = isinstance(e, Interrupted)
-        start.runlog.failed_start(str(e), report=getattr(e, "report", None),
-                                  status="interrupted" if interrupted else "failed",
-                                  exit_code=EXIT_INTERRUPTED if interrupted else 2)
-        raise
+        start = begin(cfg, str(output_dir) if output_dir else None, resume, stem)
+        try:
+            return _train(cfg, start, guard, resume)
+        except STARTUP_ERRORS as e:  # one `error:` line in main(); the run directory keeps the trace
+            interrupted = isinstance(e, Interrupted)
+            start.runlog.failed_start(str(e), report=getattr(e, "report", None),
+                                      status="interrupted" if interrupted else "failed",
+                                      exit_code=EXIT_INTERRUPTED if interrupted else 2)
+            raise
+    finally:
+        distributed.release_run_dir()  # run.lock: this process no longer writes here
 
 
 def _train(cfg: Config, start: Start, guard: PreemptionGuard, resume: str | None) -> dict:
@@ -164,7 +173,8 @@ def _train(cfg: Config, start: Start, guard: PreemptionGuard, resume: str | None
     k = cfg.training.gradient_accumulation_steps
 
     # ---- data -----------------------------------------------------------------------------------
-    train_ds, val_ds, report = build_datasets(cfg, main_process_first=acc.main_process_first)
+    cache_first = distributed.cache_context(cfg.data.cache_dir, PartialState())  # node-local or shared cache
+    train_ds, val_ds, report = build_datasets(cfg, main_process_first=cache_first)
     if acc.is_main_process:
         write_json_atomic(run_dir / "data_report.json", report.to_dict())
     shard = {"num_replicas": acc.num_processes, "rank": acc.process_index}
@@ -427,8 +437,12 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if distributed.is_peer_failure(e):  # a peer died or stopped answering: one line, exit 5
+            return distributed.on_peer_failure(e)
+        raise
     return result["exit_code"]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distributed.exit_process(main())  # skips the interpreter teardown after a multi-process run

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs, PartialState
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, parse_flag_from_env
+from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate.utils import ProjectConfiguration, broadcast_object_list
 
-from diffold.config import Config, ConfigError
+from diffold.config import Config
 
 log = logging.getLogger("diffold.train")
 
@@ -75,18 +75,6 @@ def choose_threads(decisions: Decisions) -> int:
     decisions.note(f"{n} torch thread(s) per process: {cores} cores, load {busy:.1f}, {local} process(es) on this "
                    "machine (set OMP_NUM_THREADS to choose; fixed threads are needed for bit-exact resume)")
     return n
-
-
-def process_group(cfg: Config) -> PartialState:
-    """The process group first (ranks must agree on the run directory before anything is written).
-
-    PartialState ignores ACCELERATE_USE_CPU (only AcceleratorState reads it): without cpu= here, 2 CPU
-    processes would each train alone."""
-    ps = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(seconds=cfg.distributed.timeout_s))
-    if int(os.environ.get("WORLD_SIZE", "1")) != ps.num_processes:
-        raise ConfigError(f"launched {os.environ['WORLD_SIZE']} processes but the process group has {ps.num_processes}: "
-                          "each would train alone; on CPU set ACCELERATE_USE_CPU=true (accelerate_configs/cpu_ddp.yaml)")
-    return ps
 
 
 def resolve_run_dir(cfg: Config, output_dir: str | None, stem: str) -> Path:
