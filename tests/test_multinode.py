@@ -399,11 +399,19 @@ def test_multi_process_exit_survives_gloo_threads_at_teardown(tmp_path):
     script = tmp_path / "exit_race.py"
     script.write_text(EXIT_SCRIPT)
     env = {**ENV, "PYTHONPATH": str(ROOT)}
-    for mode, ok in (("product", True), ("plain", False)):
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            str(script), mode], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-        assert (r.returncode == 0) == ok, (mode, r.stderr[-2000:])
-        assert ("terminate called without an active exception" in r.stderr) != ok, mode
+
+    def launch(mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               "2", str(script), mode], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    for _ in range(2):  # the product path never aborts
+        r = launch("product")
+        assert r.returncode == 0 and "terminate called without an active exception" not in r.stderr, r.stderr[-2000:]
+    # the control: a plain sys.exit aborts; the trigger is a race, so it must fire in one of 3 tries
+    fired = [launch("plain") for _ in range(3)]
+    if not any(r.returncode != 0 and "terminate called without an active exception" in r.stderr for r in fired):
+        pytest.skip("the teardown race did not fire in 3 tries on this machine (the product path was still checked)")
 
 
 # ---------------------------------------------------------------------------- full reliability set
