@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
 
@@ -107,6 +108,9 @@ def make_accelerator(cfg: Config, run_dir: Path, log_with: list[str], decisions:
     if acc.device.type == "cpu" and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("false", "0"):
         decisions.warn("the accelerate config does not ask for the CPU (use_cpu: false) but no GPU is available: "
                        "training on the CPU")
+    if acc.device.type == "cpu" and torch.set_flush_denormal(True):
+        decisions.note("CPU: denormal floats are flushed to zero (torch.set_flush_denormal; subnormal values from "
+                       "Gaussian tails made CPU steps ~1.5x slower)")
     if asked == "fp16" and not acc.native_amp:
         decisions.warn(f"training.mixed_precision=fp16 is not available on {acc.device.type}: training in fp32 "
                        "(use bf16, or no)")
