@@ -35,6 +35,7 @@ from diffold import distributed
 from diffold.atomic import write_json_atomic
 from diffold.checkpoint import CheckpointError, CheckpointManager
 from diffold.checkpoint_check import config_changes
+from diffold.compiling import GraphWatch, compile_model, pad_multiple
 from diffold.config import Config, ConfigError, load_config, save_config
 from diffold.data import DataError, build_datasets, build_loader
 from diffold.diffusion import build_diffusion
@@ -178,8 +179,9 @@ def _train(cfg: Config, start: Start, guard: PreemptionGuard, resume: str | None
     if acc.is_main_process:
         write_json_atomic(run_dir / "data_report.json", report.to_dict())
     shard = {"num_replicas": acc.num_processes, "rank": acc.process_index}
+    pad = pad_multiple(cfg, start.decisions)  # few distinct shapes when compiling
     try:
-        train_dl = build_loader(train_ds, cfg, train=True, batches_multiple_of=k, **shard)
+        train_dl = build_loader(train_ds, cfg, train=True, batches_multiple_of=k, pad_multiple=pad, **shard)
     except ValueError as e:  # fewer chains than processes x accumulation steps
         raise DataError(f"{cfg.data.train_path}: {e}") from None
     if val_ds is not None and len(val_ds) < acc.num_processes:
@@ -205,8 +207,7 @@ def _train(cfg: Config, start: Start, guard: PreemptionGuard, resume: str | None
     scheduler = build_scheduler(optimizer, cfg.training.scheduler, total_steps, cfg.training.optimizer.lr)
 
     # ---- prepare ----------------------------------------------------------------------------------
-    if cfg.model.compile:
-        model = torch.compile(model)
+    model = compile_model(model, cfg)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
 
     # ---- health, recovery, resume -------------------------------------------------------------------
@@ -249,6 +250,7 @@ def _train(cfg: Config, start: Start, guard: PreemptionGuard, resume: str | None
     guard.arm()
     status, first_loss = "running", None
     run.progress = _progress(acc, cfg, total_steps, state.global_step)
+    graphs = GraphWatch(cfg.model.compile)
     while status == "running":
         if state.epoch >= cfg.training.num_epochs or state.global_step >= total_steps:
             status = "finished"
@@ -273,8 +275,10 @@ def _train(cfg: Config, start: Start, guard: PreemptionGuard, resume: str | None
             state.accumulation_multiplier = stepper.multiplier
             lr = scheduler.get_last_lr()[0]
             stagnant = faults.active("stagnate", state.global_step - 1, acc.process_index)  # fault steps count from 0
+            compiling = graphs.new_graphs(state.global_step, tuple(group[0].tokens.shape))  # not a slow batch
             report = monitor.update(state.global_step, {**res.terms, "total": 1.0 if stagnant else res.loss},
-                                    res.grad_norm, lr, step_time, t1 - t0, run.memory(), res.weights)
+                                    res.grad_norm, lr, None if compiling else step_time, t1 - t0, run.memory(),
+                                    res.weights)
             for _ in range(res.oom_retries):
                 policy.on_oom(state.global_step)
                 runlog.health_event(policy.recent[-1])  # on_oom records a plain dict
@@ -321,6 +325,7 @@ def _train(cfg: Config, start: Start, guard: PreemptionGuard, resume: str | None
     runlog.log("end", state.global_step, state.epoch, {"status": status, "reason": reason,
                                                        "exit_code": EXIT_CODES[status],
                                                        "rank_param_checksums_equal": same,
+                                                       "compiled_graphs": graphs.total,
                                                        "lost_log_records": runlog.dropped_writes})
     runlog.heartbeat(state.global_step, state.epoch, "done", status)
     if EXIT_CODES[status] != 0:  # the 3 a.m. message: what happened and the command that continues

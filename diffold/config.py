@@ -54,6 +54,7 @@ class ModelConfig:
     moe_aux_weight: float = 0.01
     activation_checkpointing: bool = False
     compile: bool = False
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # aot_eager/eager: debug compile issues
     structure_encoder: StructureEncoderConfig = field(default_factory=StructureEncoderConfig)
 
 
@@ -79,6 +80,7 @@ class DataConfig:
     predicted_dir: Optional[str] = None    # cache of predicted PDBs; None -> <cache_dir>/predicted
     min_plddt: float = 70.0
     feature_dir: Optional[str] = None      # per-chain precomputed features (<id>.pt)
+    pad_multiple: int = 0                  # pad batch lengths to a multiple of this (0: none; 16 when compiling)
     bucket_size: int = 64                  # batches drawn from length buckets of this many chains
     # physically absurd chains are skipped at featurization, counted in data_report.json (diffold/sanity.py)
     max_abs_coordinate: float = 5000.0     # A; |x| at or above this (PDB placeholder 9999.999) skips the chain

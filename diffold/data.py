@@ -6,6 +6,7 @@ Featurization, the cache and the split live in diffold/pipeline.py (shared with 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import pickle
 from collections.abc import Callable
@@ -104,9 +105,12 @@ def _feature_problem(feature_dir: Path, chain_id: str, length: int) -> str:
     return ""
 
 
-def collate(items: list[dict]) -> Batch:
-    """Pad a list of examples to the longest: pad rows are zero with residue_mask False."""
+def collate(items: list[dict], pad_multiple: int = 0) -> Batch:
+    """Pad a list of examples to the longest (rounded up to a multiple of pad_multiple: few distinct shapes
+    for torch.compile): pad rows are zero with residue_mask False."""
     b, l_max, a = len(items), max(len(it["tokens"]) for it in items), items[0]["coords"].shape[1]
+    if pad_multiple > 0:
+        l_max = -(-l_max // pad_multiple) * pad_multiple
     tokens = torch.zeros(b, l_max, dtype=torch.long)              # [B, L]
     coords = torch.zeros(b, l_max, a, 3)                          # [B, L, A, 3]
     atom_mask = torch.zeros(b, l_max, a, dtype=torch.bool)        # [B, L, A]
@@ -137,7 +141,7 @@ class StructureLoader(DataLoader):
 
 
 def build_loader(dataset: StructureDataset, cfg, *, train: bool, num_replicas: int = 1, rank: int = 0,
-                 batches_multiple_of: int = 1) -> StructureLoader:
+                 batches_multiple_of: int = 1, pad_multiple: int = 0) -> StructureLoader:
     """Bucketed (train: shuffled per epoch; val: length-sorted) loader of padded Batches for one rank."""
     sampler = BucketBatchSampler(
         dataset.lengths, cfg.training.batch_size, max_tokens=cfg.data.max_tokens, shuffle=train,
@@ -147,7 +151,7 @@ def build_loader(dataset: StructureDataset, cfg, *, train: bool, num_replicas: i
     # own generator: creating an iterator draws a base seed, which must not consume the global RNG
     # (exact resume restores the global RNG at the checkpoint, mid-epoch, after the iterator existed)
     generator = torch.Generator().manual_seed(cfg.training.seed)
-    return StructureLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
+    return StructureLoader(dataset, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_multiple=pad_multiple), num_workers=cfg.data.num_workers,
                            generator=generator)
 
 
