@@ -3,6 +3,8 @@ and the bit-for-bit comparison of final training states."""
 from __future__ import annotations
 
 import os
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +49,17 @@ def assert_bit_identical(a: Path, b: Path) -> None:
         assert sa[part].keys() == sb[part].keys()
         diff = [k for k in sa[part] if not torch.equal(sa[part][k], sb[part][k])]
         assert not diff, f"{part} differs between {a.name} and {b.name}: {diff[:5]}"
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail (TimeoutError) instead of hanging: no input may make a reader or parser hang."""
+    def boom(*_):
+        raise TimeoutError(f"took more than {seconds} s (a hang)")
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

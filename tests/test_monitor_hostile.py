@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import fixtures_runs as fx
 import pytest
 import yaml
+from synthetic import deadline
 
 from diffold import runinfo
 from diffold.runinfo import load_run
@@ -27,17 +26,6 @@ import monitor_training  # noqa: E402
 DEEP = 100_000
 
 
-@contextmanager
-def deadline(seconds: int):
-    def boom(*_):
-        raise TimeoutError(f"took more than {seconds} s (a hang)")
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def base(root: Path) -> fx.RunBuilder:

@@ -13,15 +13,14 @@ import gzip
 import io
 import json
 import re
-import signal
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import gemmi
 import numpy as np
 import pytest
+from synthetic import deadline
 
 from diffold.config import Config, ConfigError, load_config
 from diffold.data import DataError, build_datasets
@@ -32,18 +31,6 @@ REJECT, ANY = True, None   # must be rejected / either outcome is fine, as long 
 COUNTS: dict[str, int] = {}
 
 
-@contextmanager
-def deadline(seconds: int):
-    """No input may hang the parser (e.g. exponential YAML aliases)."""
-    def boom(*_):
-        raise TimeoutError(f"took more than {seconds} s")
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def cfg_for(tmp: Path, train, val, cache: Path | None = None) -> Config:
