@@ -22,19 +22,17 @@ import errno
 import logging
 import math
 import time
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 
 import diffold
 from diffold import distributed
 from diffold.atomic import write_json_atomic
 from diffold.checkpoint import CheckpointError, CheckpointManager
-from diffold.checkpoint_check import config_changes
 from diffold.compiling import GraphWatch, compile_model, pad_multiple
 from diffold.config import Config, ConfigError, load_config, save_config
 from diffold.data import DataError, build_datasets, build_loader
@@ -46,16 +44,17 @@ from diffold.loop import LossStats, Stepper
 from diffold.model import build_model, count_parameters
 from diffold.optim import build_optimizer, build_scheduler
 from diffold.recovery import Action, RecoveryPolicy, sync_flags
-from diffold.run import EXIT_CODES, Run, set_lr_scale
+from diffold.resume import resume_plan, resume_state
+from diffold.run import EXIT_CODES, Run, progress_bar, set_lr_scale
 from diffold.signals import EXIT_INTERRUPTED, Interrupted, PreemptionGuard
 from diffold.startup import (
     Decisions,
+    Start,
     choose_threads,
     make_accelerator,
     precision_used,
     resolve_run_dir,
 )
-from diffold.state import TrainState
 from diffold.tasks import get_task
 from diffold.tracking import RunLog, setup_logging, wandb_mode
 
@@ -84,18 +83,6 @@ def resume_command(run_dir: Path, num_processes: int, device_type: str = "cuda")
     elif num_processes > 1:
         launch = f"accelerate launch --num_processes {num_processes}"
     return f"{launch} train_full.py --config {run_dir}/config.yaml --output_dir {run_dir} --resume auto"
-
-
-@dataclass
-class Start:
-    """What start-up established before any data is read."""
-
-    acc: object
-    run_dir: Path
-    ckpts: CheckpointManager
-    resume_from: list[Path]   # checkpoints to try, in order (empty: fresh start)
-    runlog: RunLog
-    decisions: Decisions
 
 
 def begin(cfg: Config, output_dir: str | None, resume: str | None, stem: str) -> Start:
@@ -131,21 +118,6 @@ def begin(cfg: Config, output_dir: str | None, resume: str | None, stem: str) ->
         runlog.failed_start(str(e))
         raise
     return start
-
-
-def resume_plan(ckpts: CheckpointManager, resume: str | None, decisions: Decisions) -> list[Path]:
-    """Checkpoints to try, decided before data is loaded: an explicit one must exist and verify."""
-    if resume is None:
-        if ckpts.candidates():
-            raise CheckpointError(f"{ckpts.dir.parent} already holds checkpoints: pass --resume auto to continue it, "
-                                  "or a new --output_dir")
-        return []
-    if resume == "auto":
-        order = ckpts.auto_order()
-        if not order:
-            decisions.note(f"--resume auto: no checkpoint in {ckpts.dir}: starting fresh")
-        return order
-    return [ckpts.resolve(resume)]
 
 
 def train(cfg: Config, output_dir: str | Path | None = None, resume: str | None = None, stem: str = "run",
@@ -249,7 +221,7 @@ def _train(cfg: Config, start: Start, guard: PreemptionGuard, resume: str | None
     # ---- loop -------------------------------------------------------------------------------------
     guard.arm()
     status, first_loss = "running", None
-    run.progress = _progress(acc, cfg, total_steps, state.global_step)
+    run.progress = progress_bar(acc, cfg, total_steps, state.global_step)
     graphs = GraphWatch(cfg.model.compile)
     while status == "running":
         if state.epoch >= cfg.training.num_epochs or state.global_step >= total_steps:
@@ -320,8 +292,8 @@ def _train(cfg: Config, start: Start, guard: PreemptionGuard, resume: str | None
 
     # ---- finish -----------------------------------------------------------------------------------
     run.log_interval(stats)
-    status, reason = finish(run, status, guard.requested)
-    same = ranks_agree(acc, acc.unwrap_model(model), ema.module)  # collective: every rank calls it
+    status, reason = run.finish(status, guard.requested)
+    same = distributed.ranks_agree(acc, acc.unwrap_model(model), ema.module)  # collective: every rank calls it
     runlog.log("end", state.global_step, state.epoch, {"status": status, "reason": reason,
                                                        "exit_code": EXIT_CODES[status],
                                                        "rank_param_checksums_equal": same,
@@ -341,92 +313,6 @@ def _train(cfg: Config, start: Start, guard: PreemptionGuard, resume: str | None
     return {"status": status, "exit_code": EXIT_CODES[status], "reason": reason, "run_dir": run_dir,
             "step": state.global_step, "first_loss": first_loss, "last_loss": last, "ema": ema, "diffusion": diffusion,
             "train_loader": train_dl, "cfg": cfg, "model": acc.unwrap_model(model), "state": state, "accelerator": acc}
-
-
-def resume_state(start: Start, cfg: Config, ema, monitor, policy, resume: str | None,
-                 batches_per_epoch: int) -> tuple[TrainState, Path | None]:
-    """Load the first usable checkpoint of the plan (auto: later ones replace an unusable one, each
-    skipped with a warning); say what differs from it. Fresh TrainState when there is nothing to resume."""
-    acc = start.acc
-    state = TrainState(num_processes=acc.num_processes)
-    if not start.resume_from:
-        return state, None
-
-    def accept(loaded: TrainState) -> None:  # its health/recovery state must load too
-        try:
-            if loaded.health:
-                monitor.load_state_dict(loaded.health)
-            if loaded.recovery:
-                policy.load_state_dict(loaded.recovery)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CheckpointError(f"train_state.json holds no valid health state ({type(e).__name__}: {e})") from None
-
-    loaded = start.ckpts.load_first(start.resume_from, ema, strict=resume != "auto", accept=accept)
-    if loaded is None:
-        raise CheckpointError(f"none of the {len(start.resume_from)} checkpoint(s) in {start.ckpts.dir} can be loaded "
-                              "(see the warnings above): fix or remove them, or start a new --output_dir")
-    path, state, meta = loaded
-    changes = config_changes(meta.get("config"), cfg.to_dict())
-    if changes:
-        start.decisions.warn(f"resuming {path.name} with {len(changes)} setting(s) changed since it was written: "
-                             + "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else ""))
-    old_bs = ((meta.get("config") or {}).get("training") or {}).get("batch_size") or cfg.training.batch_size
-    if (state.num_processes, old_bs) != (acc.num_processes, cfg.training.batch_size):
-        start.decisions.warn(f"checkpoint was written by {state.num_processes} processes x batch {old_bs}, now "
-                             f"{acc.num_processes} x {cfg.training.batch_size}: weights and optimizer restored, data "
-                             "order of the resumed epoch differs")
-        # position by chains consumed (moving 2 -> 1 process often doubles batch_size); never past the epoch
-        done = state.batch_in_epoch * state.num_processes * old_bs // (acc.num_processes * cfg.training.batch_size)
-        k = cfg.training.gradient_accumulation_steps
-        state.batch_in_epoch = min(done, batches_per_epoch) // k * k
-        state.num_processes = acc.num_processes
-    log.info("resumed from %s (step %d, epoch %d, batch %d)", path, state.global_step, state.epoch, state.batch_in_epoch)
-    return state, path
-
-
-def finish(run: Run, status: str, signal_name: str | None) -> tuple[str, str]:
-    """Final checkpoint and export, and the verdict: (end status, reason). A run that 'finished' holds
-    finite weights and a healthy last window, else it is 'finished_unhealthy' and nothing is exported."""
-    st, runlog = run.state, run.runlog
-    if status == "gave_up":
-        log.error(run.policy.final_report().replace("{resume_command}", runlog.resume_command))
-        return status, f"health.max_rollbacks={run.cfg.health.max_rollbacks} exhausted (see health.jsonl)"
-    healthy, why = run.health_mark()
-    if not run.save(f"step_{st.global_step:09d}"):  # the final state is lost: say so, point at what is left
-        order = run.ckpts.auto_order()
-        log.error("final checkpoint not written (see above); free disk space, then resume from the newest valid "
-                  "checkpoint (%s): %s", order[0] if order else "none: starts fresh", runlog.resume_command)
-        return "failed", "final checkpoint could not be written"
-    if status == "interrupted":
-        return status, f"{signal_name}: checkpoint step_{st.global_step:09d} written; resume with --resume auto"
-    if not healthy:
-        good = run.ckpts.candidates(healthy_only=True)
-        log.error("training ended but its final state is not healthy (%s): nothing exported; newest healthy checkpoint: "
-                  "%s", why, good[0][1] if good else "none")
-        return "finished_unhealthy", why
-    run.export(run.run_dir / "export")
-    return status, "final weights finite, last window healthy"
-
-
-def ranks_agree(acc, *modules: torch.nn.Module) -> bool | None:
-    """Safety check: all ranks hold the same weights (float64 sum per tensor, gathered); logs an error if not."""
-    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        return None  # parameters may be sharded per rank: their sums are not comparable
-    sums = torch.stack([p.detach().double().sum() for m in modules for p in m.parameters()])  # [P]
-    every = acc.gather(sums[None]).reshape(acc.num_processes, -1)                           # [R, P]
-    same = torch.isclose(every, every[:1], rtol=0, atol=0, equal_nan=True).all(0)           # [P]
-    if not bool(same.all()):
-        log.error("parameters differ between ranks in %d of %d tensors (ranks diverged: DDP not synchronising, "
-                  "or a rank took a different branch); do not trust this run's weights", int((~same).sum()), len(same))
-    return bool(same.all())
-
-
-def _progress(acc, cfg, total: int, initial: int):
-    if not (cfg.logging.progress_bar and acc.is_main_process):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
 
 
 def main(argv=None) -> int:

@@ -286,3 +286,19 @@ def exit_process(code: int) -> None:
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     os._exit(code)
+
+
+def ranks_agree(acc, *modules) -> bool | None:
+    """Safety check: all ranks hold the same weights (float64 sum per tensor, gathered); logs an error if not."""
+    import torch
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return None  # parameters may be sharded per rank: their sums are not comparable
+    sums = torch.stack([p.detach().double().sum() for m in modules for p in m.parameters()])  # [P]
+    every = acc.gather(sums[None]).reshape(acc.num_processes, -1)                           # [R, P]
+    same = torch.isclose(every, every[:1], rtol=0, atol=0, equal_nan=True).all(0)           # [P]
+    if not bool(same.all()):
+        log.error("parameters differ between ranks in %d of %d tensors (ranks diverged: DDP not synchronising, "
+                  "or a rank took a different branch); do not trust this run's weights", int((~same).sum()), len(same))
+    return bool(same.all())

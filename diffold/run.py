@@ -165,6 +165,30 @@ class Run:
                                   "action": "rollback"})
         return "running"
 
+    # ------------------------------------------------------------------ the end
+    def finish(self, status: str, signal_name: str | None) -> tuple[str, str]:
+        """Final checkpoint and export, and the verdict: (end status, reason). A run that 'finished' holds
+        finite weights and a healthy last window, else it is 'finished_unhealthy' and nothing is exported."""
+        st, runlog = self.state, self.runlog
+        if status == "gave_up":
+            log.error(self.policy.final_report().replace("{resume_command}", runlog.resume_command))
+            return status, f"health.max_rollbacks={self.cfg.health.max_rollbacks} exhausted (see health.jsonl)"
+        healthy, why = self.health_mark()
+        if not self.save(f"step_{st.global_step:09d}"):  # the final state is lost: say so, point at what is left
+            order = self.ckpts.auto_order()
+            log.error("final checkpoint not written (see above); free disk space, then resume from the newest valid "
+                      "checkpoint (%s): %s", order[0] if order else "none: starts fresh", runlog.resume_command)
+            return "failed", "final checkpoint could not be written"
+        if status == "interrupted":
+            return status, f"{signal_name}: checkpoint step_{st.global_step:09d} written; resume with --resume auto"
+        if not healthy:
+            good = self.ckpts.candidates(healthy_only=True)
+            log.error("training ended but its final state is not healthy (%s): nothing exported; newest healthy checkpoint: "
+                      "%s", why, good[0][1] if good else "none")
+            return "finished_unhealthy", why
+        self.export(self.run_dir / "export")
+        return status, "final weights finite, last window healthy"
+
     # ------------------------------------------------------------------ logging
     def memory(self) -> dict:
         """Memory is sampled at the log interval only; the health check reuses that sample in between."""
@@ -217,3 +241,11 @@ def set_lr_scale(scheduler, optimizer, base_lr: float) -> None:
         group["initial_lr"] = base_lr
         group["lr"] = base_lr * lam(sched.last_epoch)
     sched._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def progress_bar(acc, cfg, total: int, initial: int):
+    if not (cfg.logging.progress_bar and acc.is_main_process):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
@@ -120,3 +121,15 @@ def make_accelerator(cfg: Config, run_dir: Path, log_with: list[str], decisions:
 def precision_used(acc: Accelerator) -> str:
     """The arithmetic actually used: bf16 / fp16 autocast, or fp32."""
     return acc.mixed_precision if acc.mixed_precision != "no" and acc.native_amp else "fp32"
+
+
+@dataclass
+class Start:
+    """What start-up established before any data is read."""
+
+    acc: Accelerator
+    run_dir: Path
+    ckpts: Any
+    resume_from: list[Path]   # checkpoints to try, in order (empty: fresh start)
+    runlog: Any
+    decisions: Decisions

@@ -134,7 +134,7 @@ def fault_run(data) -> tuple[Path, subprocess.CompletedProcess]:
 # ---------------------------------------------------------------------------- tests
 def test_rank_checksum_detects_divergence(caplog):
     """The end-of-run safety check itself: equal ranks pass, one differing parameter fails and logs."""
-    from train_full import ranks_agree  # repo root is on pythonpath (pyproject)
+    from diffold.distributed import ranks_agree
 
     model = torch.nn.Linear(3, 2)
 
