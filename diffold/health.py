@@ -23,6 +23,7 @@ LEVEL_WINDOW = 9        # the loss level (divergence check) is the median of thi
 LEVEL_WARMUP = 20       # steps before the level's minimum is trusted
 REL_STD_FLOOR = 1e-2    # std floor as a share of |mean|: a flat loss must not turn noise into 1e9 sigma
 STATUS_CODES = {"healthy": 0, "warning": 1, "critical": 2}
+TYPICAL_LR = {"adamw": (1e-4, 3e-3), "lion": (1e-5, 3e-4)}  # structure-diffusion practice; Lion ~3-10x lower
 _STATUS = ("healthy", "warning", "critical")
 
 
@@ -100,7 +101,8 @@ class HealthMonitor:
         from diffold.optim import warmup_steps  # the scheduler's own rounding; lazy: pulls in torch
 
         t, d = cfg.training, cfg.data
-        context = {"training.optimizer.lr": t.optimizer.lr, "training.max_grad_norm": t.max_grad_norm,
+        context = {"training.optimizer.lr": t.optimizer.lr, "training.optimizer.name": t.optimizer.name,
+                   "training.max_grad_norm": t.max_grad_norm,
                    "training.batch_size": t.batch_size, "training.mixed_precision": t.mixed_precision,
                    "training.gradient_accumulation_steps": t.gradient_accumulation_steps,
                    "data.num_workers": d.num_workers, "data.max_length": d.max_length,
@@ -112,8 +114,13 @@ class HealthMonitor:
         return f"{key} (now {self.context[key]})" if key in self.context else key
 
     def _lower_lr(self, lr: Optional[float]) -> str:
+        """A concrete LR to try: a third of the configured one, but never above the usual range."""
         base = self.context.get("training.optimizer.lr", lr)
-        target = f"to {base / 3:.0e} (now {_fmt(base)}) " if base is not None and _positive(base) else ""
+        opt = self.context.get("training.optimizer.name", "adamw")
+        usual = TYPICAL_LR.get(opt, TYPICAL_LR["adamw"])
+        target = ""
+        if base is not None and _positive(base):
+            target = f"to {min(base / 3, usual[1]):.0e} (now {_fmt(base)}; {opt} usually between {usual[0]:.0e} and {usual[1]:.0e}) "
         return f"lower training.optimizer.lr {target}or enable the safety preset (--preset safety)"
 
     # ------------------------------------------------------------------ the checks

@@ -101,7 +101,7 @@ def test_spike_warns_then_confirms_on_second_consecutive(rollback_on_spike):
     first = mon.update(100, {"total": 5.0}, 1.0, 3e-4)
     assert first.overall_status == "warning" and not first.bad_step and not first.spike_confirmed
     assert first.events[0].check == "loss_spike" and first.loss_zscore > 6 and mon.loss_zscore == first.loss_zscore
-    assert "lower training.optimizer.lr to 1e-04 (now 0.0003)" in first.suggestions[0]
+    assert "lower training.optimizer.lr to 1e-04 (now 0.0003; adamw usually between 1e-04 and 3e-03)" in first.suggestions[0]
     assert mon.state_dict()["loss"]["values"] == window_before  # an isolated spike is held out
     second = mon.update(101, {"total": 5.0}, 1.0, 3e-4)
     assert second.spike_confirmed and not second.bad_step
@@ -366,3 +366,11 @@ def test_memory_stats_cpu():
     rep = monitor().update(0, {"total": 1.0}, 1.0, 1e-4, memory=stats)
     assert rep.overall_status in ("healthy", "warning")
 
+
+
+def test_lr_suggestion_is_a_usable_value_even_for_an_absurd_lr():
+    """lr=1000 diverged: 'lower it to 3e+02' would diverge too; the suggestion stays in the usual range."""
+    mon = HealthMonitor(HealthConfig(), 0, 100, context={"training.optimizer.lr": 1000.0,
+                                                         "training.optimizer.name": "lion"})
+    rep = mon.update(1, {"total": float("nan")}, 1.0, 1000.0)
+    assert "lower training.optimizer.lr to 3e-04 (now 1e+03; lion usually between 1e-05 and 3e-04)" in rep.suggestions[0]
