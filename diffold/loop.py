@@ -68,6 +68,7 @@ class Stepper:
         self.multiplier = 1
         self.unwrapped = acc.unwrap_model(model)  # once: unwrap_model costs ~1-2 ms per call
         self.last_norm: float | None = None  # weight norm after the previous update
+        self._params: list[torch.Tensor] | None = None
 
     def set_multiplier(self, multiplier: int) -> None:
         self.multiplier = multiplier
@@ -185,22 +186,27 @@ class Stepper:
         return StepResult(loss, terms, grad_norm, skip, oom_retries, weights)
 
     def check_weights(self) -> WeightCheck:
-        """Weights (and optimizer state) finite, their norm, and its growth over the last update."""
-        state = [t for st in self.optimizer.state.values() for t in st.values()
-                 if torch.is_tensor(t) and t.is_floating_point() and t.dim() > 0]
-        p_norm = self._param_norm()
-        s_norm = torch.stack(torch._foreach_norm(state)).float().sum() if state else p_norm.new_zeros(())
-        norm, state_sum = torch.stack([p_norm, s_norm]).tolist()
-        finite = math.isfinite(norm) and math.isfinite(state_sum)
+        """Weights finite, their norm, and its growth over the last update (one fused pass, one sync).
+
+        Optimizer state is checked at checkpoint time (`optimizer_state_finite`): a non-finite moment
+        makes the next update non-finite, which this check then catches before any forward pass."""
+        norm = float(self._param_norm())
+        finite = math.isfinite(norm)
         growth = norm / self.last_norm if finite and self.last_norm and self.last_norm > 0 else 1.0
         if finite:
             self.last_norm = norm
         return WeightCheck(finite, norm, growth)
 
+    def optimizer_state_finite(self) -> bool:
+        state = [t for st in self.optimizer.state.values() for t in st.values()
+                 if torch.is_tensor(t) and t.is_floating_point() and t.dim() > 0]
+        return not state or math.isfinite(float(torch.stack(torch._foreach_norm(state)).float().sum()))
+
     def _param_norm(self) -> torch.Tensor:
         """Global L2 norm of the parameters (a 0-dim tensor; one fused foreach pass)."""
-        params = [p.detach() for p in self.model.parameters()]
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(params)).float())
+        if self._params is None:  # the same tensors for the whole run (a rollback loads into them)
+            self._params = [p.detach() for p in self.model.parameters()]
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self._params)).float())
 
     def forget_weights(self) -> None:
         """After a rollback the next growth is measured from the restored weights."""

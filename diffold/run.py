@@ -62,7 +62,8 @@ class Run:
     # ------------------------------------------------------------------ health
     def health_mark(self) -> tuple[bool, str]:
         """(healthy, reason) of the state held now: what a checkpoint written now is marked with."""
-        return self.policy.health_mark(self.state.global_step, self.weights_ok, self.cfg.health.window)
+        ok = self.weights_ok and self.stepper.optimizer_state_finite()
+        return self.policy.health_mark(self.state.global_step, ok, self.cfg.health.window)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, name: str) -> bool:

@@ -114,12 +114,13 @@ def test_weight_check_flags_nonfinite_weights_and_optimizer_state():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
-    fake = SimpleNamespace(model=model, optimizer=opt, last_norm=None)
+    fake = SimpleNamespace(model=model, optimizer=opt, last_norm=None, _params=None)
     check = Stepper.check_weights.__get__(fake)
     fake._param_norm = Stepper._param_norm.__get__(fake)
-    assert check().finite
-    next(iter(opt.state.values()))["exp_avg_sq"][0, 0] = float("inf")   # optimizer state only
-    assert not check().finite
+    state_ok = Stepper.optimizer_state_finite.__get__(fake)
+    assert check().finite and state_ok()
+    next(iter(opt.state.values()))["exp_avg_sq"][0, 0] = float("inf")   # optimizer state only: checkpoints
+    assert check().finite and not state_ok()                            # written now are marked unhealthy
     opt.state.clear()
     with torch.no_grad():
         model.weight.mul_(100.0)
