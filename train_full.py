@@ -7,7 +7,8 @@
 
 Exit codes: 0 finished healthy; 2 bad input/config/checkpoint (nothing trained); 3 gave up after
 health.max_rollbacks, or the final checkpoint could not be written; 4 finished with unhealthy final
-weights; 75 stopped by SIGTERM/SIGUSR1/SIGINT after writing a checkpoint (resume with --resume auto).
+weights; 5 a peer process/machine died or timed out; 75 stopped by SIGTERM/SIGUSR1/SIGINT after writing
+a checkpoint (resume with --resume auto).
 """
 from __future__ import annotations
 
