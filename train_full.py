@@ -40,7 +40,6 @@ from diffold.config import Config, ConfigError, load_config, save_config
 from diffold.data import DataError, build_datasets, build_loader
 from diffold.diffusion import build_diffusion
 from diffold.ema import EMA
-from diffold.evaluate import validate
 from diffold.faults import FaultInjector
 from diffold.health import HealthMonitor, RecoveryPolicy, sync_flags
 from diffold.loop import LossStats, Stepper
@@ -50,6 +49,7 @@ from diffold.optim import build_optimizer, build_scheduler
 from diffold.state import TrainState, improved
 from diffold.tasks import get_task
 from diffold.tracking import RunLog, setup_logging, wandb_mode
+from diffold.validation import validate
 
 log = logging.getLogger("diffold.train")
 

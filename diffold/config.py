@@ -141,6 +141,9 @@ class TrainingConfig:
 class ValidationConfig:
     num_samples: int = 4                   # chains sampled from noise per validation
     sampling_steps: int = 20
+    # added by the model helper (issue 21): whole chains are sampled and scored up to this many
+    # residues; a longer chain is centre-cropped to it (logged once)
+    max_length: int = 512
     best_metric: str = "val/loss"
     best_mode: Literal["min", "max"] = "min"
 
