@@ -1,4 +1,5 @@
 """EDM / DDPM: preconditioning, loss invariances, padding, samplers."""
+import dataclasses
 import math
 
 import pytest
@@ -229,6 +230,28 @@ def test_a_finite_model_never_samples_nan(scale):
     assert out.norm(dim=-1).max() <= OUTPUT_BOUND
     x = edm.sample(model, batch, num_steps=50, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(x).all() and x.abs().max() < 1e3
+
+
+def test_step_scale_sharpens_samples_of_a_gaussian():
+    # For data x0 ~ N(0, s^2) the ideal denoiser is D(x; sigma) = x s^2 / (s^2 + sigma^2): the ODE
+    # (step scale 1) samples the data spread s; a step scale > 1 samples a narrower distribution.
+    edm = build_diffusion(_cfg(), TASK)
+    spread = 5.0
+
+    def model(x_in, c_noise, *rest):
+        sigma = torch.exp(4 * c_noise)[:, None, None, None]
+        c_skip, c_out, c_in, _ = edm.precondition(sigma)
+        x = x_in / c_in
+        return (x * spread ** 2 / (spread ** 2 + sigma ** 2) - c_skip * x) / c_out, torch.zeros(x_in.shape[0])
+
+    batch = _batch([200] * 8)
+    stds = {}
+    for eta in (1.0, 1.5):
+        edm.cfg = dataclasses.replace(edm.cfg, sampling_step_scale=eta)
+        x = edm.sample(model, batch, num_steps=50, generator=torch.Generator().manual_seed(0))
+        stds[eta] = float(x[batch.residue_mask].std())
+    assert stds[1.0] == pytest.approx(spread, rel=0.05)
+    assert stds[1.5] < 0.9 * spread
 
 
 def test_churn_is_seeded_and_changes_the_trajectory():
