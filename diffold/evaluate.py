@@ -45,6 +45,8 @@ log = logging.getLogger("diffold.evaluate")
 CSV_COLUMNS = ("chain", "length", "cropped", "source", "samples_scored", "samples_failed", "rmsd", "tm", "gdt_ts",
                "gdt_ha", "lddt", "lddt_15", "bond_length_error", "consecutive_distance", "native_consecutive_distance")
 SOURCES = ("model_best", "model_mean", "helix", "random_walk")
+MEAN_COLUMNS = (("rmsd", "RMSD"), ("tm", "TM"), ("gdt_ts", "GDT-TS"), ("lddt", "lDDT"), ("lddt_15", "lDDT15"),
+                ("bond_length_error", "bond err"), ("consecutive_distance", "d(i,i+1)"))
 
 
 def load_chains(path: Path, task, atoms, min_length: int, max_length: int) -> list[dict]:
@@ -160,16 +162,14 @@ def format_table(chains: list[dict], summ: dict, num_samples: int) -> str:
                      f"{h['lddt']:>7.3f}{w['lddt']:>7.3f}  {b['tm']:>6.3f}/{m['tm']:<6.3f}{h['tm']:>7.3f}{w['tm']:>7.3f}"
                      f"  {m['consecutive_distance']:>11.2f}/{c['native_consecutive_distance']:<6.2f}")
     if "model_best" in summ:
-        keys = ("rmsd", "tm", "gdt_ts", "lddt", "bond_length_error", "consecutive_distance")
-        lines += ["", f"mean over {summ['chains_scored']} chains " + ("(* = centre-cropped)" if any(c["cropped"] for c in chains) else ""),
-                  f"{'':<22}" + "".join(f"{k:>22}" if k == "consecutive_distance" else f"{k:>19}" if k == "bond_length_error"
-                                        else f"{k:>8}" for k in keys)]
+        cols = [(k, name) for k, name in MEAN_COLUMNS if k in summ["model_mean"]]
+        cropped = " (* = centre-cropped)" if any(c["cropped"] for c in chains) else ""
+        lines += ["", f"mean over {summ['chains_scored']} chains{cropped}",
+                  f"{'':<22}" + "".join(f"{name:>10}" for _, name in cols)]
         for src in SOURCES:
             label = {"model_best": f"model best of {num_samples}", "model_mean": f"model mean of {num_samples}"}.get(src, src)
-            s = summ[src]
-            lines.append(f"{label:<22}" + "".join(f"{s[k]:>22.2f}" if k == "consecutive_distance" else f"{s[k]:>19.2f}"
-                                                  if k == "bond_length_error" else f"{s[k]:>8.3f}" for k in keys))
-        lines.append(f"{'native':<22}{'':>{8 * 4 + 19}}{summ['native_consecutive_distance']:>22.2f}")
+            lines.append(f"{label:<22}" + "".join(f"{summ[src][k]:>10.3f}" for k, _ in cols))
+        lines.append(f"{'native':<22}{'':>{10 * (len(cols) - 1)}}{summ['native_consecutive_distance']:>10.3f}")
     return "\n".join(lines)
 
 

@@ -45,8 +45,9 @@ def load_bundle(path: Path):
 
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         meta = json.loads((path / "config.json").read_text())
-        tree = {"task": meta["task"], "model": {k: meta[k] for k in meta if k not in ("task", "atoms", "diffusion")},
-                "diffusion": meta["diffusion"]}
+        sections = ("diffusion", "training", "validation", "data")  # the last three only in newer bundles
+        tree = {"task": meta["task"], "model": {k: meta[k] for k in meta if k not in ("task", "atoms", *sections)},
+                **{k: meta[k] for k in sections if k in meta}}
         weights, atoms = path / "model.safetensors", tuple(meta["atoms"])
     elif (path / "meta.json").is_file():
         ok, reason = verify(path)

@@ -185,3 +185,35 @@ def test_predict_wrong_molecule_run_dir_progress_and_failed_samples(tiny_run, tm
     assert r.returncode == 1, r.stderr[-2000:]
     assert "NOT finite, not written: samples [0, 1]" in r.stderr and "4 of 4 sample(s) were not finite" in r.stderr
     assert not list((tmp_path / "d").glob("*.pdb"))
+
+
+@pytest.mark.parametrize("config,task", [("cpu_10min.yaml", "rna"), ("cpu_10min.yaml", "protein"), ("default.yaml", "rna")])
+def test_recipes_load_with_the_measured_settings(config, task):
+    from diffold.config import load_config
+
+    cfg = load_config(ROOT / "configs" / config, overrides=[f"task={task}"], env={})
+    d = cfg.diffusion
+    assert (d.sigma_data, d.bond_loss_weight, d.smooth_lddt_weight, d.sampling_step_scale) == (8.0, 0.1, 1.0, 1.5)
+
+
+@pytest.mark.slow
+def test_predict_numbers_residues_with_their_gaps_like_training(tiny_run, tmp_path, monkeypatch):
+    # training numbers residues by sources.residue_positions (a gap of 4 missing residues stays a gap);
+    # predict used 0..L-1, so the model saw a different chain than it was trained on
+    from diffold import predict
+    from diffold.diffusion import EDM
+    from diffold.structure import chain_from_coords, parse_structure, write_structure
+
+    run_dir, _ = tiny_run
+    numbers = np.r_[np.arange(1, 11), np.arange(15, 25)]
+    xyz = np.cumsum(np.random.default_rng(0).normal(size=(20, 3)) * 3.5, 0)
+    write_structure(tmp_path / "gap.pdb", [chain_from_coords("gap", "rna", "GGGAAACUUCGGUUUCCCAA", xyz, ("C4'",),
+                                                             residue_numbers=numbers)])
+    seen = []
+    real = EDM.sample
+    monkeypatch.setattr(EDM, "sample", lambda self, model, batch, *a: seen.append(batch.residue_index) or real(self, model, batch, *a))
+    assert predict.main(["--checkpoint", str(run_dir / "export"), "--input", str(tmp_path / "gap.pdb"),
+                         "--out", str(tmp_path / "out"), "--steps", "2"]) == 0
+    assert seen[0][0].tolist() == [*range(10), *range(14, 24)]
+    written = parse_structure(tmp_path / "out" / "gap_A_sample0.pdb")[0][0]
+    assert written.residue_numbers.tolist() == numbers.tolist()  # the reference's numbering in the output
