@@ -27,7 +27,7 @@ def fixed_noise_loss(model, result: dict) -> float:
     (the per-interval training loss mostly reflects which noise levels were drawn)."""
     import torch
 
-    from diffold.evaluate import validation_loss
+    from diffold.validation import validation_loss
 
     with torch.random.fork_rng():
         torch.manual_seed(0)

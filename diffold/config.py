@@ -99,6 +99,9 @@ class DiffusionConfig:
     rho: float = 7.0
     num_sampling_steps: int = 50
     sampling_churn: float = 0.0            # EDM S_churn (Alg. 2) for sigma in [0.03, 3] x sigma_data; 0 = deterministic ODE
+    # AF3's step scale eta; > 1 moves each step further toward
+    # the denoised estimate (sharper, lower-temperature samples); 1 = the plain EDM ODE
+    sampling_step_scale: float = 1.0
     num_timesteps: int = 1000              # DDPM only
     beta_schedule: Literal["cosine", "linear"] = "cosine"
     augment_rotation: bool = True          # random rigid augmentation of the clean structure
@@ -154,6 +157,9 @@ class TrainingConfig:
 class ValidationConfig:
     num_samples: int = 4                   # chains sampled from noise per validation
     sampling_steps: int = 20
+    # whole chains are sampled and scored up to this many
+    # residues; a longer chain is centre-cropped to it (logged once)
+    max_length: int = 512
     best_metric: str = "val/loss"
     best_mode: Literal["min", "max"] = "min"
 

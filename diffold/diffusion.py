@@ -163,6 +163,7 @@ class EDM:
             lambda x, s: self.denoise(model, x, s, batch)[0],
             batch.coords.shape, sigmas, batch.residue_mask.bool(), generator,
             churn=self.cfg.sampling_churn, churn_range=(CHURN_RANGE[0] * self.sigma_data, CHURN_RANGE[1] * self.sigma_data),
+            step_scale=self.cfg.sampling_step_scale,
         )
 
     @property

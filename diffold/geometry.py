@@ -142,3 +142,31 @@ def pair_chirality(x: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
     triple = (rel * torch.linalg.cross(tangent[:, :, None].expand_as(rel), tangent[:, None, :].expand_as(rel))).sum(-1)
     t_norm = tangent.norm(dim=-1)
     return triple / (rel.norm(dim=-1) * t_norm[:, :, None] * t_norm[:, None, :] + 1e-6)
+
+
+# ----------------------------------------------------------------- local neighbourhoods (length-independent head)
+def gather_neighbours(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t [B, L, ...] and neighbour indices idx [B, L, K] -> t[b, idx[b, i, k]] as [B, L, K, ...]."""
+    b = torch.arange(t.shape[0], device=t.device)[:, None, None]
+    return t[b, idx]
+
+
+def neighbour_index(x: torch.Tensor, mask: torch.Tensor, seq: int, space: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbours of each residue: the `seq` previous and next along the chain, then the `space`
+    nearest other residues by distance of x [B, L, 3]. Returns idx [B, L, 2 seq + space'] long and
+    valid [B, L, K] bool (False for padding, chain ends and chains with too few residues); no gradient."""
+    with torch.no_grad():
+        b, n = mask.shape
+        pos = torch.arange(n, device=x.device)
+        offsets = torch.cat([torch.arange(-seq, 0), torch.arange(1, seq + 1)]).to(x.device)  # [2 seq]
+        j = pos[:, None] + offsets                                                              # [L, 2 seq]
+        inside = (j >= 0) & (j < n)
+        seq_idx = j.clamp(0, n - 1).expand(b, n, -1)                                             # [B, L, 2 seq]
+        seq_valid = inside & torch.gather(mask[:, None, :].expand(b, n, n), 2, seq_idx) & mask[..., None]
+        d = torch.cdist(x.float(), x.float())                                                   # [B, L, L]
+        near = (pos[:, None] - pos[None, :]).abs() <= seq                                        # self + sequence neighbours
+        far = near[None] | ~mask[:, None, :] | ~mask[:, :, None]
+        d = d.masked_fill(far, float("inf"))
+        k = min(space, n)
+        dist, space_idx = d.topk(k, dim=-1, largest=False)                                      # [B, L, k]
+        return torch.cat([seq_idx, space_idx], -1), torch.cat([seq_valid, torch.isfinite(dist)], -1)

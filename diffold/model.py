@@ -8,7 +8,7 @@ sines, signed volumes and a cross-product displacement term.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,13 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from diffold.geometry import chain_tangent, dihedral_features, pair_chirality
+from diffold.geometry import (
+    chain_tangent,
+    dihedral_features,
+    gather_neighbours,
+    neighbour_index,
+    pair_chirality,
+)
 from diffold.moe import FeedForward, MoEFeedForward
 from diffold.tasks import get_task
 
@@ -29,6 +35,19 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 NUM_RBF = 32
 RBF_MAX = 3.0  # distances are in c_in-scaled units (~ A / sigma_data at low noise)
 DIHEDRAL_SCALES = (1, 2, 4, 8)  # chain dihedrals over residues i-k, i, i+k, i+2k
+SEQ_NEIGHBOURS = 4     # head neighbours: i-4..i+4 along the chain ...
+SPACE_NEIGHBOURS = 16  # ... + the 16 nearest other residues in space
+OUTPUT_BOUND = 10.0    # soft bound on |F| per atom (the EDM target F has unit variance per coordinate)
+
+
+class Neighbours(NamedTuple):
+    idx: torch.Tensor    # [B, L, K] long, neighbour residue of each residue
+    valid: torch.Tensor  # [B, L, K] bool
+
+
+def unit(v: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
+    """v / |v| with a smooth floor (finite gradient at v = 0): [..., 3]."""
+    return v / v.square().sum(-1, keepdim=True).add(eps ** 2).sqrt()
 
 
 def resolve_size(mcfg) -> dict[str, int]:
@@ -116,14 +135,43 @@ class DenoiserBlock(nn.Module):
         return h + (1 + gate2) * y, aux
 
 
-class EGNNLayer(nn.Module):
-    """One EGNN update (Satorras et al. 2021, eqs. 3-6) on residues with A atoms each, made
-    chirality-aware: a pseudo-scalar edge feature and a cross-product displacement term keep
-    rotation/translation equivariance but not mirror symmetry (a mirror-symmetric E(3) model
-    samples mirror images of the fold half of the time)."""
+class GlobalAttention(nn.Module):
+    """Equivariant global term: atom a of residue i moves toward H attention-weighted centroids,
+    dx_ia = sum_h g_iah (sum_j alpha_hij x_j - x_ia), alpha = softmax_j(q_i . k_j + pair bias). A convex
+    combination of positions, so bounded by the chain's extent and independent of its length."""
 
-    def __init__(self, d_model: int, d_pair: int, hidden: int, update_nodes: bool = True):
+    def __init__(self, d_model: int, d_pair: int, num_atoms: int, heads: int = 4, dim: int = 16):
         super().__init__()
+        self.heads, self.num_atoms = heads, num_atoms
+        self.qk = nn.Linear(d_model, 2 * heads * dim, bias=False)
+        self.bias = nn.Linear(d_pair, heads, bias=False)
+        self.gate = nn.Linear(d_model, heads * num_atoms)
+        nn.init.zeros_(self.gate.weight)  # starts as a pure local head
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor, z: torch.Tensor, key_bias: torch.Tensor,
+                atom_mask: torch.Tensor) -> torch.Tensor:
+        """h [B, L, d], x [B, L, A, 3], z [B, L, L, dp], key_bias [B, 1, 1, L] -> displacement [B, L, A, 3]."""
+        q, k = rearrange(self.qk(h), "b l (two h e) -> two b h l e", two=2, h=self.heads)
+        logits = torch.einsum("bhie,bhje->bhij", q, k) * q.shape[-1] ** -0.5
+        alpha = (logits + rearrange(self.bias(z), "b i j h -> b h i j") + key_bias).softmax(-1)  # [B, H, L, L]
+        centres = torch.einsum("bhij,bjc->bihc", alpha, representative(x, atom_mask))          # [B, L, H, 3]
+        gate = torch.tanh(rearrange(self.gate(h), "b l (h a) -> b l a h", h=self.heads))       # [B, L, A, H]
+        return (gate[..., None] * (centres[:, :, None] - x[:, :, :, None])).sum(3)            # [B, L, A, 3]
+
+
+class EGNNLayer(nn.Module):
+    """One EGNN update (Satorras et al. 2021, eqs. 3-6) over a FIXED number of neighbours per residue,
+    made chirality-aware (a pseudo-scalar edge feature and a cross-product displacement term keep
+    rotation/translation equivariance but not mirror symmetry).
+
+    Length-independent by construction: residue i averages bounded messages (|w| <= 1) over its
+    K neighbours (chain neighbours + nearest in space), never over all L residues, so a chain
+    longer than any training crop sees the same kind of neighbourhood (model-findings cause 1)."""
+
+    def __init__(self, d_model: int, d_pair: int, hidden: int, num_atoms: int, update_nodes: bool = True):
+        super().__init__()
+        self.glob = GlobalAttention(d_model, d_pair, num_atoms)
         self.src, self.dst = nn.Linear(d_model, hidden), nn.Linear(d_model, hidden, bias=False)
         self.pair, self.dist = nn.Linear(d_pair, hidden, bias=False), nn.Linear(NUM_RBF, hidden, bias=False)
         self.chiral = nn.Linear(1, hidden, bias=False)
@@ -132,49 +180,54 @@ class EGNNLayer(nn.Module):
         # The last layer's node update would be unused (and break DDP's unused-parameter check).
         self.node = nn.Linear(hidden, d_model) if update_nodes else None
 
-    def forward(
-        self, h: torch.Tensor, x: torch.Tensor, z: torch.Tensor, m: torch.Tensor, atom_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [B, L, d], x [B, L, A, 3], z [B, L, L, dp], m [B, L] float mask -> (h, x)."""
-        norm = m.sum(-1).clamp_min(1.0)[:, None, None, None]  # [B, 1, 1, 1] real residues
-        rep = representative(x, atom_mask)  # [B, L, 3]
-        tangent = chain_tangent(rep, m)  # [B, L, 3]
-        chirality = pair_chirality(rep, tangent)[..., None]  # [B, i, j, 1]
-        diff = x[:, :, :, None, :] - rep[:, None, None, :, :]  # [B, i, A, j, 3]
-        dist = diff.square().sum(-1).add(1e-8).sqrt()  # [B, i, A, j]; eps keeps the grad finite at 0
-        edge = self.src(h)[:, :, None] + self.dst(h)[:, None, :] + self.pair(z) + self.chiral(chirality)
-        msg = self.mlp(edge[:, :, None] + self.dist(rbf(dist)))  # [B, i, A, j, hid]
-        partner = m[:, None, None, :, None]  # [B, 1, 1, j, 1]; padded partners send nothing
-        msg = msg * partner
-        w_radial, w_cross = (self.weight(msg) * partner).unbind(-1)  # [B, i, A, j] each
-        cross = torch.linalg.cross(diff, tangent[:, :, None, None, :].expand_as(diff))  # [B, i, A, j, 3]
-        update = w_radial[..., None] * diff + w_cross[..., None] * cross
-        x = x + update.sum(3) / norm  # mean over partners j
+    def forward(self, h: torch.Tensor, x: torch.Tensor, z: torch.Tensor, nbr: Neighbours, m: torch.Tensor,
+                atom_mask: torch.Tensor, z_full: torch.Tensor, key_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [B, L, d], x [B, L, A, 3], z [B, L, K, dp] (pair features of the neighbours), m [B, L] -> (h, x)."""
+        glob = self.glob(h, x, z_full, key_bias, atom_mask)               # [B, L, A, 3]
+        valid = nbr.valid.to(h.dtype)                                     # [B, L, K]
+        count = valid.sum(-1).clamp_min(1.0)[:, :, None, None]            # [B, L, 1, 1] real neighbours
+        rep = representative(x, atom_mask)                                # [B, L, 3]
+        tangent = unit(chain_tangent(rep, m))                             # [B, L, 3]
+        rep_j, tan_j = gather_neighbours(rep, nbr.idx), gather_neighbours(tangent, nbr.idx)  # [B, L, K, 3]
+        rel = rep[:, :, None] - rep_j                                     # [B, L, K, 3]
+        chirality = (rel * torch.linalg.cross(tangent[:, :, None].expand_as(tan_j), tan_j)).sum(-1)
+        chirality = chirality / (rel.norm(dim=-1) + 1e-6)                 # [B, L, K] in [-1, 1]
+        diff = x[:, :, :, None, :] - rep_j[:, :, None, :, :]              # [B, L, A, K, 3]
+        dist = diff.square().sum(-1).add(1e-8).sqrt()                     # [B, L, A, K]; eps: finite grad at 0
+        edge = self.src(h)[:, :, None] + gather_neighbours(self.dst(h), nbr.idx) + self.pair(z) + self.chiral(chirality[..., None])
+        msg = self.mlp(edge[:, :, None] + self.dist(rbf(dist))) * valid[:, :, None, :, None]  # [B, L, A, K, hid]
+        w_radial, w_cross = torch.tanh(self.weight(msg)).unbind(-1)      # [B, L, A, K] each, bounded
+        w_radial, w_cross = w_radial * valid[:, :, None], w_cross * valid[:, :, None]
+        cross = torch.linalg.cross(diff, tangent[:, :, None, None, :].expand_as(diff))  # [B, L, A, K, 3]
+        x = x + (w_radial[..., None] * diff + w_cross[..., None] * cross).sum(3) / count + glob  # mean over neighbours
         if self.node is not None:
-            h = h + self.node(msg.sum(3).mean(2) / norm[..., 0])
+            h = h + self.node(msg.sum(3).mean(2) / count[..., 0])
         return h, x
 
 
 class EquivariantHead(nn.Module):
-    """EGNN-style head: atom a of residue i moves by mean_j [w_iaj (x_ia - x_j) + u_iaj (x_ia - x_j) x t_i]
-    with w, u from invariants (h_i, h_j, z_ij, |x_ia - x_j|, chirality), so rotating the input
-    rotates the output and a translation leaves it unchanged."""
+    """EGNN-style head: atom a of residue i moves by mean_k [w (x_ia - x_k) + u (x_ia - x_k) x t_i] over
+    its neighbours k, plus a global term g (x_ia - centroid); w, u, g are bounded functions of
+    invariants, so rotating the input rotates the output and a translation leaves it unchanged. The
+    output norm is softly bounded by OUTPUT_BOUND (a bounded F keeps the sampler finite)."""
 
-    def __init__(self, d_model: int, d_pair: int, num_layers: int = 2, hidden: int = 64):
+    def __init__(self, d_model: int, d_pair: int, num_atoms: int, num_layers: int = 2, hidden: int = 64):
         super().__init__()
         self.layers = nn.ModuleList(
-            EGNNLayer(d_model, d_pair, hidden, update_nodes=i < num_layers - 1) for i in range(num_layers)
+            EGNNLayer(d_model, d_pair, hidden, num_atoms, update_nodes=i < num_layers - 1) for i in range(num_layers)
         )
 
-    def forward(
-        self, h: torch.Tensor, x: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, atom_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """h [B, L, d], x [B, L, A, 3], z [B, L, L, dp], mask [B, L] -> displacement [B, L, A, 3]."""
+    def forward(self, h: torch.Tensor, x: torch.Tensor, z: torch.Tensor, nbr: Neighbours, mask: torch.Tensor,
+                atom_mask: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+        """h [B, L, d], x [B, L, A, 3], z [B, L, L, dp], mask [B, L], key_bias [B, 1, 1, L] -> displacement [B, L, A, 3]."""
         m = mask.to(h.dtype)
         x0 = x
+        z_nbr = torch.gather(z, 2, nbr.idx[..., None].expand(-1, -1, -1, z.shape[-1]))  # [B, L, K, dp]
         for layer in self.layers:
-            h, x = layer(h, x, z, m, atom_mask)
-        return (x - x0) * m[..., None, None]
+            h, x = layer(h, x, z_nbr, nbr, m, atom_mask, z, key_bias)
+        out = x - x0
+        norm = out.square().sum(-1, keepdim=True).add(1e-12).sqrt()
+        return out / (1 + norm / OUTPUT_BOUND) * m[..., None, None]
 
 
 class Denoiser(nn.Module):
@@ -201,7 +254,7 @@ class Denoiser(nn.Module):
         self.blocks = nn.ModuleList(DenoiserBlock(d, dims["num_heads"], dp, mcfg) for _ in range(dims["num_layers"]))
         self.final_norm = nn.LayerNorm(d)
         if mcfg.head == "equivariant":
-            self.head = EquivariantHead(d, dp, hidden=2 * dp)
+            self.head = EquivariantHead(d, dp, num_atoms, hidden=2 * dp)
         else:
             self.head = nn.Linear(d, num_atoms * 3)
             nn.init.zeros_(self.head.weight)
@@ -255,7 +308,8 @@ class Denoiser(nn.Module):
         aux = aux / len(self.blocks)
 
         if self.head_type == "equivariant":
-            out = self.head(h, x, z, mask, atom_mask)
+            nbr = Neighbours(*neighbour_index(rep, mask, SEQ_NEIGHBOURS, SPACE_NEIGHBOURS))
+            out = self.head(h, x, z, nbr, mask, atom_mask, key_bias)
         else:
             out = rearrange(self.head(h), "b l (a c) -> b l a c", a=self.num_atoms, c=3)
         return out * mask[..., None, None].to(out.dtype), aux

@@ -103,7 +103,7 @@ class Run:
     # ------------------------------------------------------------------ validation
     def validate(self) -> Optional[str]:
         """Validate with EMA weights; save best (only from a healthy state); 'early_stopped' when patience runs out."""
-        from diffold.evaluate import validate
+        from diffold.validation import validate
 
         if self.val_dl is None:
             return None

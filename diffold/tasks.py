@@ -18,6 +18,7 @@ class Task:
     lddt_radius: float = 15.0      # lDDT inclusion radius (AF3: 30 A for nucleic acids)
     tm_molecule: str = "protein"   # which d0 formula TM-score uses
     bond_length: float = 3.8       # consecutive representative-atom distance (A), bond loss
+    bend_angle: float = 99.0       # median angle x_{i-1}, x_i, x_{i+1} (deg; data/examples), random-walk baseline
 
     @property
     def vocab_size(self) -> int:
@@ -55,6 +56,7 @@ TASKS: dict[str, Task] = {
         lddt_radius=30.0,
         tm_molecule="rna",
         bond_length=6.0,
+        bend_angle=143.0,
     ),
     "protein": Task(
         name="protein",
@@ -65,6 +67,7 @@ TASKS: dict[str, Task] = {
         lddt_radius=15.0,
         tm_molecule="protein",
         bond_length=3.8,
+        bend_angle=99.0,
     ),
 }
 

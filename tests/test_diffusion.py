@@ -1,4 +1,5 @@
 """EDM / DDPM: preconditioning, loss invariances, padding, samplers."""
+import dataclasses
 import math
 
 import pytest
@@ -210,6 +211,47 @@ def test_sampler_is_seeded_masked_and_deterministic():
     c = edm.sample(model, batch, num_steps=3, generator=torch.Generator().manual_seed(8))
     assert a.shape == batch.coords.shape and torch.equal(a, b) and not torch.allclose(a, c)
     assert torch.equal(a[0, 6:], torch.zeros_like(a[0, 6:])) and torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("scale", [3.0, 10.0])
+def test_a_finite_model_never_samples_nan(scale):
+    # The old head's update was linear in the input coordinates with unbounded weights: D grew with
+    # x along the trajectory until it overflowed (5 of 12 seeds NaN for a smoke model at 50 steps).
+    # Now |F| per atom is softly bounded, so even a model with blown-up weights stays finite.
+    from diffold.model import OUTPUT_BOUND
+
+    cfg = _cfg()
+    edm, model, batch = build_diffusion(cfg, TASK), _model(cfg, atoms=2), _batch([40, 25], atoms=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+        x_in = torch.randn(2, 40, 2, 3) * 50
+        out, _ = model(x_in, torch.zeros(2), batch.tokens, batch.residue_mask, batch.residue_index, batch.atom_mask)
+    assert out.norm(dim=-1).max() <= OUTPUT_BOUND
+    x = edm.sample(model, batch, num_steps=50, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all() and x.abs().max() < 1e3
+
+
+def test_step_scale_sharpens_samples_of_a_gaussian():
+    # For data x0 ~ N(0, s^2) the ideal denoiser is D(x; sigma) = x s^2 / (s^2 + sigma^2): the ODE
+    # (step scale 1) samples the data spread s; a step scale > 1 samples a narrower distribution.
+    edm = build_diffusion(_cfg(), TASK)
+    spread = 5.0
+
+    def model(x_in, c_noise, *rest):
+        sigma = torch.exp(4 * c_noise)[:, None, None, None]
+        c_skip, c_out, c_in, _ = edm.precondition(sigma)
+        x = x_in / c_in
+        return (x * spread ** 2 / (spread ** 2 + sigma ** 2) - c_skip * x) / c_out, torch.zeros(x_in.shape[0])
+
+    batch = _batch([200] * 8)
+    stds = {}
+    for eta in (1.0, 1.5):
+        edm.cfg = dataclasses.replace(edm.cfg, sampling_step_scale=eta)
+        x = edm.sample(model, batch, num_steps=50, generator=torch.Generator().manual_seed(0))
+        stds[eta] = float(x[batch.residue_mask].std())
+    assert stds[1.0] == pytest.approx(spread, rel=0.05)
+    assert stds[1.5] < 0.9 * spread
 
 
 def test_churn_is_seeded_and_changes_the_trajectory():
