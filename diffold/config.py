@@ -53,6 +53,7 @@ class ModelConfig:
     top_k: int = 2
     moe_aux_weight: float = 0.01
     activation_checkpointing: bool = False
+    pair_chunk_size: Optional[int] = None  # build the [L, L] pair features this many rows at a time (None: all)
     compile: bool = False
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # aot_eager/eager: debug compile issues
     structure_encoder: StructureEncoderConfig = field(default_factory=StructureEncoderConfig)

@@ -182,6 +182,7 @@ RULES: dict[str, Any] = {
     "model.num_experts": Range(1, 1024),
     "model.top_k": Range(1, 1024),
     "model.moe_aux_weight": Range(0, 100),
+    "model.pair_chunk_size": Range(1, 1_000_000, note="rows of the pair features built at a time; null = all"),
     "model.activation_checkpointing": TYPED,
     "model.compile": TYPED,
     "model.compile_backend": TYPED,

@@ -136,12 +136,14 @@ def dihedral_features(x: torch.Tensor, mask: torch.Tensor, scales: tuple[int, ..
     return torch.stack(feats, dim=-1)
 
 
-def pair_chirality(x: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
-    """Normalised signed volume (x_i - x_j) . (t_i x t_j) [B, L, L] in [-1, 1]: a pseudo-scalar."""
-    rel = x[:, :, None] - x[:, None, :]  # [B, i, j, 3]
-    triple = (rel * torch.linalg.cross(tangent[:, :, None].expand_as(rel), tangent[:, None, :].expand_as(rel))).sum(-1)
+def pair_chirality(x: torch.Tensor, tangent: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+    """Normalised signed volume (x_i - x_j) . (t_i x t_j) [B, L, L] in [-1, 1]: a pseudo-scalar
+    (only the residues i in `rows`: [B, len(rows), L])."""
+    rel = x[:, rows, None] - x[:, None, :]  # [B, i, j, 3]
+    t_i = tangent[:, rows, None].expand_as(rel)
+    triple = (rel * torch.linalg.cross(t_i, tangent[:, None, :].expand_as(rel))).sum(-1)
     t_norm = tangent.norm(dim=-1)
-    return triple / (rel.norm(dim=-1) * t_norm[:, :, None] * t_norm[:, None, :] + 1e-6)
+    return triple / (rel.norm(dim=-1) * t_norm[:, rows, None] * t_norm[:, None, :] + 1e-6)
 
 
 # ----------------------------------------------------------------- local neighbourhoods (length-independent head)

@@ -69,11 +69,19 @@ def resolve_size(mcfg) -> dict[str, int]:
     return dims
 
 
+RBF_CUTOFF = 30.0  # exp(-30) = 9e-14: a normal float32; exp(-z) for z > 87 is subnormal, slow on CPUs
+
+
 def rbf(d: torch.Tensor, num: int = NUM_RBF, d_max: float = RBF_MAX) -> torch.Tensor:
-    """Gaussian radial basis of distances [...] -> [..., num]."""
+    """Gaussian radial basis of distances [...] -> [..., num], exactly 0 beyond ~5.5 widths of a centre.
+
+    Evaluated far in its tails a Gaussian yields subnormal floats (3-4% of the values, which made CPU
+    steps ~2x slower); every value below exp(-30) = 9e-14 is set to 0 instead.
+    """
     centres = torch.linspace(0.0, d_max, num, device=d.device, dtype=d.dtype)
     width = d_max / (num - 1)
-    return torch.exp(-(((d[..., None] - centres) / width) ** 2))
+    z = ((d[..., None] - centres) / width) ** 2
+    return torch.where(z < RBF_CUTOFF, torch.exp(-z.clamp(max=RBF_CUTOFF)), 0.0)
 
 
 def representative(x: torch.Tensor, atom_mask: torch.Tensor) -> torch.Tensor:
@@ -218,13 +226,14 @@ class EquivariantHead(nn.Module):
         )
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, z: torch.Tensor, nbr: Neighbours, mask: torch.Tensor,
-                atom_mask: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
-        """h [B, L, d], x [B, L, A, 3], z [B, L, L, dp], mask [B, L], key_bias [B, 1, 1, L] -> displacement [B, L, A, 3]."""
+                atom_mask: torch.Tensor, key_bias: torch.Tensor, run=lambda fn, *a: fn(*a)) -> torch.Tensor:
+        """h [B, L, d], x [B, L, A, 3], z [B, L, L, dp], mask [B, L], key_bias [B, 1, 1, L] -> displacement [B, L, A, 3].
+        run(layer, *args) calls each layer (the Denoiser passes its activation checkpointing)."""
         m = mask.to(h.dtype)
         x0 = x
         z_nbr = torch.gather(z, 2, nbr.idx[..., None].expand(-1, -1, -1, z.shape[-1]))  # [B, L, K, dp]
         for layer in self.layers:
-            h, x = layer(h, x, z_nbr, nbr, m, atom_mask, z, key_bias)
+            h, x = run(layer, h, x, z_nbr, nbr, m, atom_mask, z, key_bias)
         out = x - x0
         norm = out.square().sum(-1, keepdim=True).add(1e-12).sqrt()
         return out / (1 + norm / OUTPUT_BOUND) * m[..., None, None]
@@ -239,6 +248,7 @@ class Denoiser(nn.Module):
         d, dp = dims["d_model"], dims["d_pair"]
         self.num_atoms, self.max_relpos = num_atoms, mcfg.max_relpos
         self.head_type, self.checkpointing = mcfg.head, mcfg.activation_checkpointing
+        self.pair_chunk_size = mcfg.pair_chunk_size
         self.token_emb = nn.Embedding(vocab_size, d, padding_idx=0)
         self.feature_proj = nn.Linear(mcfg.feature_dim, d) if mcfg.feature_dim > 0 else None
         # The AF3 head may see raw coordinates; the equivariant trunk sees only distances.
@@ -288,31 +298,54 @@ class Denoiser(nn.Module):
 
         rep = representative(x, atom_mask)  # [B, L, 3]
         h = h + self.dihedral_proj(dihedral_features(rep, mask, DIHEDRAL_SCALES))
-        dist = (rep[:, :, None] - rep[:, None, :]).square().sum(-1).add(1e-8).sqrt()  # [B, L, L]
-        chirality = pair_chirality(rep, chain_tangent(rep, mask))[..., None]  # [B, L, L, 1]
-        rel = (residue_index[:, None, :] - residue_index[:, :, None]).clamp(-self.max_relpos, self.max_relpos)
-        z = self.relpos_emb(rel + self.max_relpos) + self.dist_proj(rbf(dist)) + self.chirality_proj(chirality)
-        z = self.pair_norm(z)  # [B, L, L, dp]
+        z = self.pair_features(rep, mask, residue_index)  # [B, L, L, dp]
         # Padding keys get -inf; an all-padding row keeps its keys so softmax stays finite.
         keep = mask | ~mask.any(-1, keepdim=True)
-        key_bias = torch.zeros_like(dist[:, None, :1, :]).masked_fill(~keep[:, None, None, :], float("-inf"))
+        key_bias = torch.zeros_like(rep[:, None, None, :, 0]).masked_fill(~keep[:, None, None, :], float("-inf"))
 
         aux = h.new_zeros(h.shape[0])
         for block in self.blocks:
-            if self.checkpointing and self.training:
-                h, a = checkpoint(block, h, z, cond, key_bias, mask, use_reentrant=False)
-            else:
-                h, a = block(h, z, cond, key_bias, mask)
+            h, a = self.maybe_checkpoint(block, h, z, cond, key_bias, mask)
             aux = aux + a
         h = self.final_norm(h)
         aux = aux / len(self.blocks)
 
         if self.head_type == "equivariant":
             nbr = Neighbours(*neighbour_index(rep, mask, SEQ_NEIGHBOURS, SPACE_NEIGHBOURS))
-            out = self.head(h, x, z, nbr, mask, atom_mask, key_bias)
+            out = self.head(h, x, z, nbr, mask, atom_mask, key_bias, self.maybe_checkpoint)
         else:
             out = rearrange(self.head(h), "b l (a c) -> b l a c", a=self.num_atoms, c=3)
         return out * mask[..., None, None].to(out.dtype), aux
+
+
+    def maybe_checkpoint(self, fn, *args):
+        """fn(*args), under activation checkpointing when it is on and the model trains."""
+        if self.checkpointing and self.training:
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def pair_features(self, rep: torch.Tensor, mask: torch.Tensor, residue_index: torch.Tensor) -> torch.Tensor:
+        """Pair representation z [B, L, L, dp] from distances, relative positions and chirality.
+
+        Built model.pair_chunk_size rows at a time (each row is independent, so the result is the same),
+        each chunk under activation checkpointing when it is on: the ~5 intermediate [rows, L, >= dp]
+        tensors per chunk (RBF, embeddings, LayerNorm input) are then neither all alive at once nor kept
+        for the backward pass; only z itself is."""
+        tangent = chain_tangent(rep, mask)  # [B, L, 3]
+        n = rep.shape[1]
+        step = self.pair_chunk_size or n
+        chunks = [self.maybe_checkpoint(self.pair_rows, rep, tangent, residue_index, i, min(i + step, n))
+                  for i in range(0, n, step)]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+
+    def pair_rows(self, rep: torch.Tensor, tangent: torch.Tensor, residue_index: torch.Tensor, i0: int,
+                  i1: int) -> torch.Tensor:
+        """Rows i0:i1 of the pair representation: [B, i1 - i0, L, dp]."""
+        dist = (rep[:, i0:i1, None] - rep[:, None, :]).square().sum(-1).add(1e-8).sqrt()  # [B, r, L]
+        chirality = pair_chirality(rep, tangent, rows=slice(i0, i1))[..., None]         # [B, r, L, 1]
+        rel = (residue_index[:, None, :] - residue_index[:, i0:i1, None]).clamp(-self.max_relpos, self.max_relpos)
+        z = self.relpos_emb(rel + self.max_relpos) + self.dist_proj(rbf(dist)) + self.chirality_proj(chirality)
+        return self.pair_norm(z)
 
 
 def build_model(cfg, num_atoms: int) -> Denoiser:

@@ -139,8 +139,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(levelname)s %(message)s")
-    from diffold.scoring import score_chain
     from diffold.featurize import residue_positions
+    from diffold.scoring import score_chain
     from diffold.structure import chain_from_coords, write_structure
     from diffold.validation import representative_atom
 

@@ -27,6 +27,7 @@ PRESETS: dict[str, dict[str, object]] = {
     # Fit bigger models/crops: activation checkpointing, bf16, smaller micro-batch x more accumulation.
     "memory": {
         "model.activation_checkpointing": True,
+        "model.pair_chunk_size": 64,
         "training.mixed_precision": "bf16",
         "training.batch_size": 1,
         "training.gradient_accumulation_steps": 8,

@@ -217,3 +217,76 @@ def test_compiles_without_graph_breaks():
         ref, _ = _run(model, inp)
         out, _ = _run(compiled, inp)
     assert torch.allclose(ref, out, atol=1e-5)
+
+
+def test_pair_features_in_row_chunks_match_all_rows():
+    """model.pair_chunk_size builds the pair representation a few rows at a time: same outputs and gradients."""
+    plain = _model().train()
+    chunked = _model("model.pair_chunk_size=3", "model.activation_checkpointing=true").train()
+    chunked.load_state_dict(plain.state_dict())
+    inp = _inputs(b=2, n=11, lengths=[11, 6])
+    outs, grads = [], []
+    for model in (plain, chunked):
+        out, _ = _run(model, inp)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_rbf_has_no_subnormal_values():
+    """Evaluated far in its tails the Gaussian basis gave subnormal floats (slow on CPUs): now exactly 0 there."""
+    from diffold.model import rbf
+
+    d = torch.linspace(0, 50, 20001)
+    out = rbf(d)
+    tiny = torch.finfo(torch.float32).tiny
+    assert not ((out != 0) & (out.abs() < tiny)).any()
+    assert (out == 0).any() and out.max() <= 1.0
+    exact = torch.exp(-(((d[:, None] - torch.linspace(0, 3.0, out.shape[-1])) / (3.0 / (out.shape[-1] - 1))) ** 2))
+    assert torch.allclose(out, exact, atol=1e-12)  # only values below exp(-30) differ
+
+
+MEMORY_STEP = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from benchmarks.model import make_batch
+from diffold.config import load_config
+from diffold.diffusion import build_diffusion
+from diffold.model import build_model
+from diffold.tasks import get_task
+torch.set_num_threads(1)
+cfg = load_config(None, overrides=["model.size=small"], preset=sys.argv[1] or None, env={{}})
+task = get_task("rna")
+torch.manual_seed(0)
+model, diffusion = build_model(cfg, 1).train(), build_diffusion(cfg, task)
+diffusion.loss(model, make_batch(1, 16, task.vocab_size)).total.mean().backward()  # warm-up
+batch = make_batch(1, 320, task.vocab_size)
+def status_kb(key):  # VmRSS / VmHWM of this process (ru_maxrss would include the forking parent's size)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset VmHWM (the peak) to the current size
+before_kb = status_kb("VmRSS")
+diffusion.loss(model, batch).total.mean().backward()
+print(status_kb("VmHWM") - before_kb)
+"""
+
+
+def test_memory_preset_lowers_the_peak_of_a_training_step(tmp_path):
+    """--preset memory (activation checkpointing of trunk, pair features and head; pair features in row chunks)
+    at least a third lower peak memory for one small-model step at L=320 (measured ~0.4x: benchmarks/model.py --memory)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "step.py"
+    script.write_text(MEMORY_STEP.format(root=str(Path(__file__).resolve().parents[1])))
+    peak = {}
+    for preset in ("", "memory"):
+        r = subprocess.run([sys.executable, str(script), preset], capture_output=True, text=True, timeout=300,
+                           env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-2000:]
+        peak[preset] = float(r.stdout.split()[-1])
+    assert peak["memory"] < 0.67 * peak[""], peak
