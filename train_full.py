@@ -256,8 +256,9 @@ def _train(cfg: Config, start: Start, guard: PreemptionGuard, resume: str | None
                 policy.on_oom(state.global_step)
                 runlog.health_event(policy.recent[-1])  # on_oom records a plain dict
             # one all-reduce: every rank takes the same branch
-            bad, spike, broken, stop = sync_flags(acc, [res.skipped or report.bad_step, report.spike_confirmed,
-                                                        report.broken_weights, guard.requested is not None])
+            bad, spike, broken, stop, level = sync_flags(acc, [res.skipped or report.bad_step, report.spike_confirmed,
+                                                               report.broken_weights, guard.requested is not None,
+                                                               report.level_diverged])
             run.weights_ok = not broken
             action = policy.decide(bad, spike, report, broken_weights=broken)
             for ev in report.events:
@@ -266,7 +267,7 @@ def _train(cfg: Config, start: Start, guard: PreemptionGuard, resume: str | None
                 first_loss = res.loss
             run.interval.append((res, lr, report, step_time, t1 - t0))
             if action == Action.ROLLBACK:
-                status = run.rollback()
+                status = run.rollback(before_onset=level)
             elif action == Action.GIVE_UP:
                 status = "gave_up"
             if status == "running" and stop:

@@ -1,14 +1,15 @@
 """Does the model learn? Train the 10-minute recipe per molecule, score held-out WHOLE chains vs the baselines.
 
     OMP_NUM_THREADS=1 python benchmarks/learning.py [--molecules rna protein] [--config configs/cpu_10min.yaml]
-        [--num_samples 5] [--steps N] [--out DIR] [--reuse] [key=value ...]
+        [--num_samples 5] [--steps N] [--step_scale ETA] [--out DIR] [--reuse] [key=value ...]
 
 For each molecule: `python train_full.py --config CONFIG --task MOL` (a real run, in a subprocess),
 then the held-out split (data.val_path) is scored with diffold.evaluate's code for the trained
 model (its export bundle), the same architecture untrained, and every baseline. Prints, per
 molecule, the mean over chains of lDDT (RNA: 30 A radius, and 15 A), TM-score, GDT-TS, RMSD and
 the median consecutive distance of the samples next to the native's, plus steps and steps/s.
-A benchmark that prints numbers, not a timed test. --reuse skips training when OUT/MOL/export exists.
+A benchmark that prints numbers, not a timed test. --reuse skips training when OUT/MOL/export exists;
+with --step_scale it re-scores the same trained model with another sampler step scale (AF3's eta).
 """
 from __future__ import annotations
 
@@ -42,8 +43,10 @@ def train(config: str, molecule: str, run: Path, overrides: list[str]) -> dict:
     return {"steps": steps, "train_s": train_s, "steps_per_s": steps / max(train_s, 1e-9), "wall_s": time.time() - t0}
 
 
-def score(run: Path, num_samples: int, steps: int | None, untrained: bool = True) -> dict:
+def score(run: Path, num_samples: int, steps: int | None, untrained: bool = True, step_scale: float | None = None) -> dict:
     """Held-out evaluation of the trained export and of the same model untrained."""
+    import dataclasses
+
     import torch
 
     from diffold.config import load_config
@@ -52,6 +55,8 @@ def score(run: Path, num_samples: int, steps: int | None, untrained: bool = True
     from diffold.predict import load_bundle
 
     model, diffusion, task, atoms, _ = load_bundle(run / "export")
+    if step_scale is not None:
+        diffusion.cfg = dataclasses.replace(diffusion.cfg, sampling_step_scale=step_scale)
     cfg = load_config(run / "config.yaml", env={})
     chains = load_chains(Path(cfg.data.val_path), task, atoms, cfg.data.min_length, cfg.validation.max_length)
     n_steps = steps or cfg.diffusion.num_sampling_steps
@@ -61,7 +66,8 @@ def score(run: Path, num_samples: int, steps: int | None, untrained: bool = True
         torch.manual_seed(cfg.training.seed)
         before = summary(evaluate_chains(build_model(cfg, len(atoms)).eval(), diffusion, task, atoms, chains,
                                          num_samples, n_steps, cfg.training.seed))
-    return {"trained": summary(trained), "untrained": before, "chains": trained, "sampling_steps": n_steps}
+    return {"trained": summary(trained), "untrained": before, "chains": trained, "sampling_steps": n_steps,
+            "step_scale": diffusion.cfg.sampling_step_scale}
 
 
 def table(molecule: str, res: dict, stats: dict, num_samples: int) -> str:
@@ -70,7 +76,8 @@ def table(molecule: str, res: dict, stats: dict, num_samples: int) -> str:
     rows = [("untrained (mean of K)", u.get("model_mean", {})), (f"model, mean of {num_samples}", s["model_mean"]),
             (f"model, best of {num_samples}", s["model_best"]), ("helix", s["helix"]), ("random walk", s["random_walk"])]
     lines = [f"{molecule}: {s['chains_scored']} held-out whole chains, {stats['steps']} steps in {stats['train_s'] / 60:.1f} min "
-             f"({stats['steps_per_s']:.1f} steps/s), {res['sampling_steps']} sampler steps, {s['samples_failed']} failed samples",
+             f"({stats['steps_per_s']:.1f} steps/s), {res['sampling_steps']} sampler steps "
+             f"(step scale {res['step_scale']:g}), {s['samples_failed']} failed samples",
              head]
     for label, v in rows:
         lines.append(f"{label:<24}" + "".join(f"{v.get(k, float('nan')):>9.3f}" if k != "consecutive_distance"
@@ -79,8 +86,8 @@ def table(molecule: str, res: dict, stats: dict, num_samples: int) -> str:
     best = {k: max(s["helix"][k], s["random_walk"][k]) for k in ("lddt", "tm")}
     verdict = ", ".join(f"{k} {s['model_mean'][k]:.3f} vs best baseline {best[k]:.3f} "
                         f"({'above' if s['model_mean'][k] > best[k] else 'BELOW'})" for k in best)
-    gain = s["model_mean"]["lddt"] - u.get("model_mean", {}).get("lddt", 0.0)
-    return "\n".join(lines + [f"model (mean of K): {verdict}; lDDT gain over untrained {gain:+.3f}"])
+    gain = (f"{s['model_mean']['lddt'] - u['model_mean']['lddt']:+.3f}" if u.get("model_mean") else "not scored")
+    return "\n".join(lines + [f"model (mean of K): {verdict}; lDDT gain over untrained {gain}"])
 
 
 def main() -> int:
@@ -90,6 +97,8 @@ def main() -> int:
     p.add_argument("--num_samples", type=int, default=5)
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the recipe's diffusion.num_sampling_steps)")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / f"learning_{time.strftime('%Y%m%d_%H%M%S')}")
+    p.add_argument("--step_scale", type=float, default=None,
+                   help="sampler step scale for scoring (default: the run's diffusion.sampling_step_scale)")
     p.add_argument("--reuse", action="store_true", help="score existing OUT/<molecule> runs instead of training")
     p.add_argument("--skip_untrained", action="store_true", help="do not score the untrained model (saves time)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for the training runs")
@@ -106,7 +115,7 @@ def main() -> int:
         else:
             stats = train(args.config, mol, run, args.overrides)
             (args.out / f"{mol}.stats.json").write_text(json.dumps(stats))
-        res = score(run, args.num_samples, args.steps, not args.skip_untrained)
+        res = score(run, args.num_samples, args.steps, not args.skip_untrained, args.step_scale)
         report[mol] = {"stats": stats, **res}
         print(table(mol, res, stats, args.num_samples), "\n", flush=True)
     (args.out / "learning.json").write_text(json.dumps(report, indent=1))

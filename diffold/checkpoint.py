@@ -39,6 +39,7 @@ from diffold.checkpoint_check import (  # noqa: F401 (META, read_meta, verify: r
     verify,
 )
 from diffold.hashing import bytes_sha256, tree_sha256
+from diffold.loss_level import LEVEL_WINDOW
 from diffold.recovery import sync_flag
 from diffold.state import TrainState
 
@@ -123,12 +124,17 @@ class CheckpointManager:
         os.replace(tmp, link)
 
     def _rotate(self) -> None:
-        """Keep the newest keep_last_n step checkpoints, and always the newest HEALTHY one (a rollback target)."""
+        """Keep the newest keep_last_n step checkpoints, and always the newest HEALTHY one plus the newest healthy
+        one at least LEVEL_WINDOW steps older than the newest checkpoint, else the oldest healthy one (rollback
+        targets: a divergence can begin up to that many steps before the loss level shows it)."""
         steps = sorted(((m["step"], m.get("timestamp", 0), p) for p in self.dir.glob("step_*")
                         if p.is_dir() and not p.name.endswith((".tmp", ".old")) and (m := read_meta(p)) is not None
                         and isinstance(m.get("step"), int)), key=lambda t: t[:2])
-        healthy = [p for _, _, p in steps if health_of(read_meta(p) or {})[0]]
-        keep = {p for _, _, p in steps[len(steps) - max(self.keep_last_n, 1):]} | set(healthy[-1:])
+        healthy = [(step, p) for step, _, p in steps if health_of(read_meta(p) or {})[0]]
+        keep = {p for _, _, p in steps[len(steps) - max(self.keep_last_n, 1):]} | {p for _, p in healthy[-1:]}
+        if healthy:  # what Run.rollback would pick soon: the newest healthy LEVEL_WINDOW steps back, else the oldest
+            back = [p for step, p in healthy if step <= steps[-1][0] - LEVEL_WINDOW]
+            keep.add(back[-1] if back else healthy[0][1])
         for _, _, path in steps:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)

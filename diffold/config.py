@@ -193,6 +193,7 @@ class HealthConfig:
     rollback_on_spike: bool = True         # a confirmed spike / loss held above loss_cap rolls back
     weight_growth_max: float = 2.0         # weight norm growing more than this x in ONE update = exploded
     divergence_factor: float = 10.0        # smoothed loss this many x above its run minimum = diverged (0: off)
+    start_factor: float = 3.0              # smoothed loss this many x above the untrained model's = diverged (0: off)
     lr_backoff: float = 0.5
     max_rollbacks: int = 3
     oom_recovery: bool = True

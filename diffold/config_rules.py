@@ -283,6 +283,7 @@ RULES: dict[str, Any] = {
     "health.rollback_on_spike": TYPED,
     "health.weight_growth_max": Range(1, 1e12, lo_open=True, note="x weight norm in one update = exploded"),
     "health.divergence_factor": Range(0, 1e12, note="0 = off; x the lowest loss level = diverged"),
+    "health.start_factor": Range(0, 1e12, note="0 = off; x the untrained model's loss level = diverged"),
     "health.lr_backoff": Range(0, 1, lo_open=True),
     "health.max_rollbacks": Range(0, 10 ** 6, note="0 = give up at the first rollback"),
     "health.oom_recovery": TYPED,

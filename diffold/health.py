@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 from diffold.config import Config, HealthConfig
+from diffold.loss_level import LossLevel
 from diffold.recovery import Action, RecoveryPolicy, sync_flag, sync_flags  # noqa: F401 (re-exported)
 from diffold.running_stats import WeightCheck, _Median, _Window  # noqa: F401 (WeightCheck re-exported)
 
 SPIKE_CONFIRM = 2       # consecutive k-sigma spikes that make a spike "confirmed"
 MIN_HISTORY = 10        # samples before z-scores, medians and shares are trusted (capped at window)
-LEVEL_WINDOW = 9        # the loss level (divergence check) is the median of this many recent steps
-LEVEL_WARMUP = 20       # steps before the level's minimum is trusted
 REL_STD_FLOOR = 1e-2    # std floor as a share of |mean|: a flat loss must not turn noise into 1e9 sigma
 STATUS_CODES = {"healthy": 0, "warning": 1, "critical": 2}
 TYPICAL_LR = {"adamw": (1e-4, 3e-3), "lion": (1e-5, 3e-4)}  # structure-diffusion practice; Lion ~3-10x lower
@@ -54,6 +53,7 @@ class HealthReport:
     bad_step: bool = False          # non-finite loss or grad norm: this update must not be applied
     spike_confirmed: bool = False   # the SPIKE_CONFIRM-th consecutive spike (k sigma or above health.loss_cap)
     broken_weights: bool = False    # the applied update left weights/optimizer state non-finite or exploded
+    level_diverged: bool = False    # the loss level is diverged: the divergence began up to LEVEL_WINDOW steps ago
     loss_zscore: float = 0.0
 
     @property
@@ -92,8 +92,7 @@ class HealthMonitor:
         self._last_emit: dict[str, int] = {}   # step of the last written event per check
         self._suppressed: dict[str, int] = {}  # occurrences not written since then
         self._spike_run = 0
-        self._level, self._level_min, self._level_n = 0.0, math.inf, 0  # loss level, its minimum, samples
-        self._recent = _Median(LEVEL_WINDOW)
+        self._level = LossLevel(cfg_health.divergence_factor, cfg_health.start_factor, cfg_health.loss_cap)
 
     @classmethod
     def from_config(cls, cfg: Config, total_steps: int) -> HealthMonitor:
@@ -153,7 +152,7 @@ class HealthMonitor:
                 mean = win.mean()
                 z = (total - mean) / max(math.sqrt(win.var()), REL_STD_FLOOR * abs(mean), 1e-12)
                 z = min(z, 1e9)  # stays finite (JSON-safe) even for a 1e300 loss
-            diverged = self._update_level(total, above_cap)
+            diverged = self._level.update(total, above_cap)
             spike = above_cap or z > c.spike_sigma or diverged  # an explosion also counts toward confirmation
             self._spike_run = self._spike_run + 1 if spike else 0
             confirmed = self._spike_run == SPIKE_CONFIRM  # once per run of spikes (a rollback resets the run)
@@ -165,9 +164,7 @@ class HealthMonitor:
                     f"{self._lower_lr(lr)}; raise health.loss_cap if losses this large are expected")))
             elif diverged:
                 hits.append(("loss_divergence", True, lambda: (
-                    f"loss level (median of {LEVEL_WINDOW} steps) {_fmt(self._level)} is {self._level / self._level_min:.1f}x the lowest this run "
-                    f"reached ({_fmt(self._level_min)}; limit health.divergence_factor={_fmt(c.divergence_factor)})"
-                    + (" (confirmed)" if confirmed else ""),
+                    self._level.describe() + (" (confirmed)" if confirmed else ""),
                     f"{self._lower_lr(lr)}; the run rolls back to the last healthy checkpoint")))
             elif spike:
                 hits.append(("loss_spike", confirmed and c.rollback_on_spike, lambda: (
@@ -255,32 +252,23 @@ class HealthMonitor:
                 f"health.weight_growth_max={_fmt(self.cfg.weight_growth_max)})", hint))]
         return []
 
-    def _update_level(self, total: float, above_cap: bool) -> bool:
-        """Median loss of the last LEVEL_WINDOW steps vs the lowest it has been: True when it sits divergence_factor x above it.
-
-        Catches the slow divergence a z-score adapts to (the window follows the loss up)."""
-        if not above_cap:
-            self._recent.push(total)
-            self._level = self._recent.median()  # a lone spike does not move it; a lasting shift does
-            self._level_n += 1
-            if self._level_n >= LEVEL_WARMUP:
-                self._level_min = min(self._level_min, self._level)
-        f = self.cfg.divergence_factor
-        return (f > 0 and self._level_n > LEVEL_WARMUP and self._level_min > 0
-                and self._level > f * self._level_min)
-
     def reset_spikes(self) -> None:
         """After a rollback the spike run starts again (the state that produced it is gone)."""
         self._spike_run = 0
+
+    def level_suspect(self) -> Optional[str]:
+        """Why the loss level says the state held now is diverged (None: it does not)."""
+        return self._level.describe() if self._level.suspect() else None
 
     def restore_statistics(self, state: Mapping[str, Any]) -> None:
         """Running statistics of a checkpoint (at a rollback): the loss windows a divergence polluted go
         back to what they were; event counts are kept (they describe the whole run)."""
         counts, last, suppressed = self.counts, self._last_emit, self._suppressed
-        best, seen = self._level_min, self._level_n  # the lowest level the run reached stays the yardstick
+        earlier = self._level
+        self._level = LossLevel(earlier.divergence_factor, earlier.start_factor, earlier.loss_cap)
         self.load_state_dict(state)
         self.counts, self._last_emit, self._suppressed = counts, last, suppressed
-        self._level_min, self._level_n = min(best, self._level_min), max(seen, self._level_n)
+        self._level.keep_yardsticks(earlier)  # the lowest level the run reached and its start stay the yardsticks
         self._spike_run = 0
 
     def _nonfinite_only(self, step: int, losses: Mapping[str, float], grad_norm: Optional[float],
@@ -313,7 +301,7 @@ class HealthMonitor:
         level = max(2 if critical else 1 for _, critical, _ in hits)
         broken = any(check in ("nonfinite_weights", "weight_explosion") for check, _, _ in hits)
         report = HealthReport(_STATUS[level], bad_step=bad_step, spike_confirmed=confirmed, loss_zscore=z,
-                              broken_weights=broken)
+                              broken_weights=broken, level_diverged=any(check == "loss_divergence" for check, _, _ in hits))
         now = None
         for check, critical, describe in hits:
             self.counts[check] = self.counts.get(check, 0) + 1
@@ -340,8 +328,7 @@ class HealthMonitor:
                 "step_times": list(self._step_med.values), "step_mean": self._step_mean.state(),
                 "data_mean": self._data_mean.state(), "loss_zscore": self.loss_zscore,
                 "spike_run": self._spike_run, "counts": dict(self.counts),
-                "level": [self._level, self._level_min if math.isfinite(self._level_min) else None, self._level_n,
-                          list(self._recent.values)],
+                "level": self._level.state(),
                 "last_emit": dict(self._last_emit), "suppressed": dict(self._suppressed)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -354,8 +341,5 @@ class HealthMonitor:
         self.counts = {k: int(v) for k, v in state["counts"].items()}
         self._last_emit = {k: int(v) for k, v in state["last_emit"].items()}
         self._suppressed = {k: int(v) for k, v in state["suppressed"].items()}
-        level = state.get("level")  # absent in checkpoints of earlier versions
-        self._level, self._level_min, self._level_n = ((float(level[0]), math.inf if level[1] is None else float(level[1]), int(level[2])) if level
-                                                       else (0.0, math.inf, 0))
-        self._recent.load(level[3] if level else [])
+        self._level.load(state.get("level"))  # absent in checkpoints of earlier versions
 

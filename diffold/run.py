@@ -19,6 +19,7 @@ import torch
 import diffold
 from diffold.atomic import CheckpointWriteError
 from diffold.checkpoint import CheckpointManager, export_inference_bundle
+from diffold.loss_level import LEVEL_WINDOW
 from diffold.memory import memory_stats
 from diffold.recovery import RecoveryPolicy
 from diffold.signals import EXIT_INTERRUPTED
@@ -63,7 +64,9 @@ class Run:
     def health_mark(self) -> tuple[bool, str]:
         """(healthy, reason) of the state held now: what a checkpoint written now is marked with."""
         ok = self.weights_ok and self.stepper.optimizer_state_finite()
-        return self.policy.health_mark(self.state.global_step, ok, self.cfg.health.window)
+        healthy, why = self.policy.health_mark(self.state.global_step, ok, self.cfg.health.window)
+        diverged = self.monitor.level_suspect() if healthy else None
+        return (False, diverged) if diverged else (healthy, why)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, name: str) -> bool:
@@ -139,10 +142,17 @@ class Run:
         return None
 
     # ------------------------------------------------------------------ recovery
-    def rollback(self) -> str:
+    def rollback(self, before_onset: bool = False) -> str:
         """Restore the newest HEALTHY checkpoint's weights/optimizer/schedule with the LR backed off; keep the
-        data position and step count (the batches that diverged are not replayed). 'gave_up' if there is none."""
-        healthy = [p for _, p in self.ckpts.candidates(healthy_only=True)]
+        data position and step count (the batches that diverged are not replayed). 'gave_up' if there is none.
+
+        before_onset (the loss level showed the divergence): the level needs LEVEL_WINDOW steps to rise, so a
+        checkpoint written that recently may already hold diverging weights: take the newest healthy one from
+        before that, else the oldest healthy one (the step-0 checkpoint of a fresh run)."""
+        found = self.ckpts.candidates(healthy_only=True)  # newest first
+        healthy = [p for _, p in found]
+        if before_onset:
+            healthy = [p for meta, p in found if meta["step"] <= self.state.global_step - LEVEL_WINDOW] or healthy[-1:]
         loaded = self.ckpts.load_first(healthy, self.ema, strict=False)
         if loaded is None:
             log.error("rollback needed but no healthy checkpoint can be loaded: lower checkpoint.save_every_steps")

@@ -110,7 +110,9 @@ def test_spike_warns_then_confirms_on_second_consecutive(rollback_on_spike):
 
 
 def test_spike_below_threshold_and_lasting_shift_adapts():
-    mon = monitor(window=20)
+    # the z-score's adaptation alone: a loss held at 3x the first steps' is also judged by health.start_factor
+    # (test_divergence_in_the_warmup_is_judged_against_the_untrained_models_loss), off here
+    mon = monitor(window=20, start_factor=0.0)
     feed(mon, noisy(40))
     assert mon.update(40, {"total": 1.15}, 1.0, 1e-4).overall_status == "healthy"  # ~3 sigma < 6
     reports = feed(mon, noisy(40, seed=3, level=3.0), start=41)
@@ -374,3 +376,57 @@ def test_lr_suggestion_is_a_usable_value_even_for_an_absurd_lr():
                                                          "training.optimizer.name": "lion"})
     rep = mon.update(1, {"total": float("nan")}, 1.0, 1000.0)
     assert "lower training.optimizer.lr to 3e-04 (now 1e+03; lion usually between 1e-05 and 3e-04)" in rep.suggestions[0]
+
+
+# ---------------------------------------------------------------------------------------------- loss level
+def test_divergence_in_the_warmup_is_judged_against_the_untrained_models_loss():
+    """Real lr=0.2 shape (tests/test_real_divergence.py): the loss jumps 0.7 -> 3-13 on the 4th step, before the
+    run had a low level of its own; its level is compared with the first 3 steps' (the untrained model's)."""
+    real = [0.97, 0.69, 0.64, 13.3, 5.18, 3.91, 5.52, 2.88, 3.19, 4.08, 6.11, 4.55]
+    mon = monitor(divergence_factor=10.0, start_factor=3.0)
+    reports = feed(mon, real)
+    hits = [i for i, r in enumerate(reports) if any(e.check == "loss_divergence" for e in r.events)]
+    assert hits and hits[0] == 8  # the 9th step: the first full level window
+    (ev,) = [e for e in reports[8].events if e.check == "loss_divergence"]
+    assert "the untrained model's (0.69" in ev.message and "health.start_factor=3" in ev.message
+    assert any(r.spike_confirmed for r in reports[8:])
+    assert mon.level_suspect() is not None
+    off = monitor(divergence_factor=10.0, start_factor=0.0)
+    assert "loss_divergence" not in checks(feed(off, real))  # 0 turns the yardstick off: the run-minimum one is blind here
+
+
+def test_checkpoint_mark_sees_a_divergence_before_the_full_window():
+    mon = monitor(start_factor=3.0)
+    feed(mon, [1.0, 0.9, 0.95, 1.0])
+    assert mon.level_suspect() is None
+    feed(mon, [9.0, 8.0, 7.0], start=4)  # level (median of 7) 1.0 -> not yet
+    assert mon.level_suspect() is None
+    feed(mon, [9.0, 8.5], start=7)      # median of 9: 7.0 > 3 x 0.95
+    assert "untrained model's" in mon.level_suspect()
+
+
+def test_healthy_noisy_run_with_heavy_tailed_losses_is_never_judged_diverged():
+    """A diffusion loss is heavy-tailed (sigma sampled per step): 3x-10x single-step outliers are not a divergence."""
+    rng = random.Random(3)
+    losses = [max(0.05, (1.0 - 0.5 * i / 2000) * rng.lognormvariate(0, 0.5)) for i in range(2000)]
+    mon = monitor(start_factor=3.0)
+    assert "loss_divergence" not in checks(feed(mon, losses))
+    assert mon.level_suspect() is None
+
+
+def test_start_level_survives_state_round_trip_and_rollback_and_old_states_have_none():
+    mon = monitor(start_factor=3.0)
+    feed(mon, [1.0, 1.1, 0.9] + [0.8] * 20)
+    state = mon.state_dict()
+    again = monitor(start_factor=3.0)
+    again.load_state_dict(json.loads(json.dumps(state)))
+    assert again._level.start == mon._level.start == 1.0
+    early = monitor(start_factor=3.0)
+    early_state = early.state_dict()  # a step-0 checkpoint: no start level yet
+    mon.restore_statistics(early_state)
+    assert mon._level.start == 1.0  # a rollback keeps the run's yardsticks
+    old = dict(state, level=state["level"][:4])  # checkpoints written before the start level existed
+    legacy = monitor(start_factor=3.0)
+    legacy.load_state_dict(old)
+    assert legacy._level.start is None
+    assert "loss_divergence" not in checks(feed(legacy, [5.0] * 12, start=23))

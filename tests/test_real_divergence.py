@@ -92,3 +92,24 @@ def test_real_divergence_on_two_processes(cache, tmp_path):
     assert r.returncode != 0
     checks = [e for e in read_jsonl(run / "health.jsonl") if e["check"] in ("weight_explosion", "rollback")]
     assert checks and all(e["action"] in ACTIONS for e in checks)
+
+
+def test_divergence_in_the_lr_warmup_rolls_back_to_before_its_onset_and_recovers(cache, tmp_path):
+    """lr=0.2 (AdamW), nothing injected: the loss jumps from 0.7 to 3-13 on the 4th step, inside the LR warm-up,
+    and never passes health.loss_cap; before health.start_factor it finished "healthy" with val/loss 6.2
+    (lr=0.003: 0.85). Now its level is judged against the untrained model's loss, the rollback goes back
+    past the checkpoints written while it diverged (to step 0), and the run recovers at a lower LR."""
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, str(ROOT / "train_full.py"), *sweep_args(cache, run, "adamw", 0.2)], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    log = r.stdout + r.stderr
+    check_outcome(run, r.returncode, log, diverging=True)
+    events = read_jsonl(run / "health.jsonl")
+    divergence = [e for e in events if e["check"] == "loss_divergence"]
+    assert divergence and "the untrained model's" in divergence[0]["message"], events
+    assert divergence[0]["step"] <= 12  # seen within a level window of the jump at step 4
+    rollbacks = [e for e in events if e["check"] == "rollback"]
+    assert rollbacks and all("step_000000000" in e["message"] for e in rollbacks), rollbacks
+    assert r.returncode == 0, log[-2000:]  # recovered at a backed-off LR
+    (val,) = [e for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "val"][-1:]
+    assert val["val/loss"] < 1.5, val  # the diverged model's was 6.2; a healthy run's 0.85
