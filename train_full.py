@@ -267,7 +267,7 @@ def _train(cfg: Config, start: Start, guard: PreemptionGuard, resume: str | None
                 first_loss = res.loss
             run.interval.append((res, lr, report, step_time, t1 - t0))
             if action == Action.ROLLBACK:
-                status = run.rollback(before_onset=level)
+                status = run.rollback(before_onset=level or spike)  # loss-based: the onset came before the verdict
             elif action == Action.GIVE_UP:
                 status = "gave_up"
             if status == "running" and stop:

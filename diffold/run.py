@@ -146,9 +146,10 @@ class Run:
         """Restore the newest HEALTHY checkpoint's weights/optimizer/schedule with the LR backed off; keep the
         data position and step count (the batches that diverged are not replayed). 'gave_up' if there is none.
 
-        before_onset (the loss level showed the divergence): the level needs LEVEL_WINDOW steps to rise, so a
-        checkpoint written that recently may already hold diverging weights: take the newest healthy one from
-        before that, else the oldest healthy one (the step-0 checkpoint of a fresh run)."""
+        before_onset (a confirmed spike or the loss level showed the divergence, not a skipped update or an
+        exploded weight, which are caught at the update that did it): the loss needs up to LEVEL_WINDOW steps
+        to show it, so a checkpoint written that recently may already hold diverging weights: take the newest
+        healthy one from before that, else the oldest healthy one (the step-0 checkpoint of a fresh run)."""
         found = self.ckpts.candidates(healthy_only=True)  # newest first
         healthy = [p for _, p in found]
         if before_onset:
