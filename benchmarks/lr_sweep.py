@@ -4,7 +4,9 @@
     OMP_NUM_THREADS=1 python benchmarks/lr_sweep.py [--steps_epochs 3] [--out /tmp/lr_sweep]
 
 Each row is a real run of train_full.py on configs/smoke.yaml with only the optimizer and LR changed
-(nothing injected): how it ended, the exit code, what the health system did, the final loss.
+(nothing injected): how it ended, the exit code, what the health system did, the final training loss and
+the final validation loss (of the exported EMA weights; the run's health verdict is only worth something
+if a "finished" run's val/loss is a healthy one's).
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ def main() -> int:
     args = p.parse_args()
     env = {**os.environ, "WANDB_MODE": "offline", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     env.setdefault("OMP_NUM_THREADS", "1")
-    print("| optimizer | lr | exit | end status | rollbacks | skipped | checks (action) | last loss | s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| optimizer | lr | exit | end status | rollbacks | skipped | checks (action) | last loss | final val/loss | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for opt, lr in SWEEP:
         run = Path(args.out) / f"{opt}_{lr:g}"
         t0 = time.time()
@@ -49,10 +51,12 @@ def main() -> int:
         acts = collections.Counter((e["check"], e["action"]) for e in health if e["status"] == "critical")
         shown = ", ".join(f"{c} ({a}) x{n}" for (c, a), n in sorted(acts.items()))
         last = train[-1] if train else {}
+        val = [x["val/loss"] for x in recs if x["event"] == "val" and "val/loss" in x]
+        val_s = f"{val[-1]:.3g}" if val and end.get("status") != "gave_up" else "-"
         traceback = " TRACEBACK" if "Traceback" in r.stderr else ""
         print(f"| {opt} | {lr:g} | {r.returncode}{traceback} | {end.get('status')} | {last.get('health/rollbacks')} | "
               f"{last.get('health/skipped_steps')} | {shown or '-'} | {last.get('loss/total', float('nan')):.3g} | "
-              f"{time.time() - t0:.0f} |")
+              f"{val_s} | {time.time() - t0:.0f} |")
     return 0
 
 
