@@ -11,7 +11,6 @@ from pathlib import Path
 
 import gemmi
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view as _windows
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +96,11 @@ def _gunzip(data: bytes, path: Path) -> bytes:
     return out[0] if len(out) == 1 else b"".join(out)
 
 
+def _windows(data: bytes, offset: int, width: int) -> np.ndarray:
+    """[N, width] overlapping view: row i is data[offset + i : offset + i + width] (no copy)."""
+    return np.ndarray((len(data) - offset - width + 1, width), np.uint8, data, offset, (1, 1))
+
+
 def _bad_xyz_line(data: bytes) -> int:
     """1-based line of the first PDB ATOM/HETATM record whose x/y/z columns hold a non-number (0 if none)."""
     buf = np.frombuffer(data, dtype=np.uint8)                            # [N] no copy
@@ -107,10 +111,10 @@ def _bad_xyz_line(data: bytes) -> int:
     ends = np.append(nl, len(buf))                                      # [lines] exclusive, without the newline
     s = starts[ends - starts >= 54]                                     # a record's x/y/z end at column 54
     s = s[(buf[s] == 65) | (buf[s] == 72)]                              # 'A' / 'H': cheap before the 6-byte test
-    head = _windows(buf, 6)[s]                                          # [R, 6]
+    head = _windows(data, 0, 6)[s]                                      # [R, 6]
     s = s[(head == _ATOM).all(1) | (head == _HETATM).all(1)]
     # one C pass over the records' columns 31-54 (rows copied whole, not gathered byte by byte)
-    if not _windows(buf[30:], 24)[s].tobytes().translate(None, _NUMERIC):
+    if not _windows(data, 30, 24)[s].tobytes().translate(None, _NUMERIC):
         return 0
     return _bad_xyz_line_scan(data)                                     # rare: the regex finds the line number
 
