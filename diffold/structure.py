@@ -32,7 +32,8 @@ _TEXT = bytes(range(32, 127)) + b"\t\n\r"
 _PDB_XYZ = re.compile(rb"(?:ATOM  |HETATM).{24}(.{24})")     # columns 31-54: x, y, z (.match: first line)
 _PDB_XYZ_NL = re.compile(rb"\n(?:ATOM  |HETATM).{24}(.{24})")  # a literal first byte: re scans with memchr
 _NUMERIC = b"0123456789 .eE+-naifNAIF"   # what numbers (and nan/inf) are written with
-_ATOM, _HETATM = np.frombuffer(b"ATOM  ", dtype=np.uint8), np.frombuffer(b"HETATM", dtype=np.uint8)
+_ATOM, _HETATM = (int.from_bytes(b"ATOM", "little"), int.from_bytes(b"  ", "little")), \
+    (int.from_bytes(b"HETA", "little"), int.from_bytes(b"TM", "little"))   # record names as <u4, <u2
 
 
 class StructureError(ValueError):
@@ -101,6 +102,12 @@ def _windows(data: bytes, offset: int, width: int) -> np.ndarray:
     return np.ndarray((len(data) - offset - width + 1, width), np.uint8, data, offset, (1, 1))
 
 
+def _ints(data: bytes, offset: int, dtype: str) -> np.ndarray:
+    """[N] overlapping (unaligned) view: item i is the little-endian integer at data[offset + i:]."""
+    size = np.dtype(dtype).itemsize
+    return np.ndarray((len(data) - offset - size + 1,), dtype, data, offset, (1,))
+
+
 def _bad_xyz_line(data: bytes) -> int:
     """1-based line of the first PDB ATOM/HETATM record whose x/y/z columns hold a non-number (0 if none)."""
     buf = np.frombuffer(data, dtype=np.uint8)                            # [N] no copy
@@ -110,9 +117,8 @@ def _bad_xyz_line(data: bytes) -> int:
     starts = np.concatenate(([0], nl + 1))                              # [lines]
     ends = np.append(nl, len(buf))                                      # [lines] exclusive, without the newline
     s = starts[ends - starts >= 54]                                     # a record's x/y/z end at column 54
-    s = s[(buf[s] == 65) | (buf[s] == 72)]                              # 'A' / 'H': cheap before the 6-byte test
-    head = _windows(data, 0, 6)[s]                                      # [R, 6]
-    s = s[(head == _ATOM).all(1) | (head == _HETATM).all(1)]
+    four, two = _ints(data, 0, "<u4")[s], _ints(data, 4, "<u2")[s]    # line bytes 1-4 and 5-6 as integers
+    s = s[((four == _ATOM[0]) & (two == _ATOM[1])) | ((four == _HETATM[0]) & (two == _HETATM[1]))]
     # one C pass over the records' columns 31-54 (rows copied whole, not gathered byte by byte)
     if not _windows(data, 30, 24)[s].tobytes().translate(None, _NUMERIC):
         return 0
