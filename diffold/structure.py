@@ -32,6 +32,8 @@ _TEXT = bytes(range(32, 127)) + b"\t\n\r"
 _PDB_XYZ = re.compile(rb"(?:ATOM  |HETATM).{24}(.{24})")     # columns 31-54: x, y, z (.match: first line)
 _PDB_XYZ_NL = re.compile(rb"\n(?:ATOM  |HETATM).{24}(.{24})")  # a literal first byte: re scans with memchr
 _NUMERIC = b"0123456789 .eE+-naifNAIF"   # what numbers (and nan/inf) are written with
+_ATOM, _HETATM = (int.from_bytes(b"ATOM", "little"), int.from_bytes(b"  ", "little")), \
+    (int.from_bytes(b"HETA", "little"), int.from_bytes(b"TM", "little"))   # record names as <u4, <u2
 
 
 class StructureError(ValueError):
@@ -95,8 +97,36 @@ def _gunzip(data: bytes, path: Path) -> bytes:
     return out[0] if len(out) == 1 else b"".join(out)
 
 
+def _windows(data: bytes, offset: int, width: int) -> np.ndarray:
+    """[N, width] overlapping view: row i is data[offset + i : offset + i + width] (no copy)."""
+    return np.ndarray((len(data) - offset - width + 1, width), np.uint8, data, offset, (1, 1))
+
+
+def _ints(data: bytes, offset: int, dtype: str) -> np.ndarray:
+    """[N] overlapping (unaligned) view: item i is the little-endian integer at data[offset + i:]."""
+    size = np.dtype(dtype).itemsize
+    return np.ndarray((len(data) - offset - size + 1,), dtype, data, offset, (1,))
+
+
 def _bad_xyz_line(data: bytes) -> int:
     """1-based line of the first PDB ATOM/HETATM record whose x/y/z columns hold a non-number (0 if none)."""
+    buf = np.frombuffer(data, dtype=np.uint8)                            # [N] no copy
+    if len(buf) < 54:
+        return _bad_xyz_line_scan(data)
+    nl = np.flatnonzero(buf == 10)                                       # [lines - 1]
+    starts = np.concatenate(([0], nl + 1))                              # [lines]
+    ends = np.append(nl, len(buf))                                      # [lines] exclusive, without the newline
+    s = starts[ends - starts >= 54]                                     # a record's x/y/z end at column 54
+    four, two = _ints(data, 0, "<u4")[s], _ints(data, 4, "<u2")[s]    # line bytes 1-4 and 5-6 as integers
+    s = s[((four == _ATOM[0]) & (two == _ATOM[1])) | ((four == _HETATM[0]) & (two == _HETATM[1]))]
+    # one C pass over the records' columns 31-54 (rows copied whole, not gathered byte by byte)
+    if not _windows(data, 30, 24)[s].tobytes().translate(None, _NUMERIC):
+        return 0
+    return _bad_xyz_line_scan(data)                                     # rare: the regex finds the line number
+
+
+def _bad_xyz_line_scan(data: bytes) -> int:
+    """_bad_xyz_line by regex (what the vectorised test is checked against); finds the line number."""
     first = _PDB_XYZ.match(data)                      # the first line has no newline before it
     if first and first.group(1).translate(None, _NUMERIC):
         return 1
@@ -133,7 +163,10 @@ def read_gemmi(path: str | Path) -> gemmi.Structure:
     data = _read_text(path := Path(path))
     # mmCIF starts with data_ after blank/comment lines; anything else is read as PDB
     is_cif = re.match(rb"\s*(#[^\n]*\s*)*data_", data[:65536], re.IGNORECASE) is not None
-    last = data.rstrip(b"\r\n").rsplit(b"\n", 1)[-1]
+    end = len(data)
+    while end and data[end - 1] in b"\r\n":    # the last line without trailing line breaks (no copy of data)
+        end -= 1
+    last = data[data.rfind(b"\n", 0, end) + 1:end]
     if not is_cif and last[:6] in (b"ATOM  ", b"HETATM") and len(last.rstrip()) < 54:
         # gemmi reads a PDB cut mid-line silently: a coordinate line ends at column 54
         raise StructureError(f"{path}: truncated (last coordinate line is incomplete); re-download the file")
@@ -198,16 +231,6 @@ def _spellings(spec: str, letter: str, kind: str) -> tuple[str, ...]:
                  for s in ((name, name.replace("'", "*")) if "'" in name else (name,)))
 
 
-def _pick(residue: gemmi.Residue, spec: str, letter: str, kind: str) -> gemmi.Atom | None:
-    """First present atom among the alternatives of spec."""
-    for spelling in _spellings(spec, letter, kind):
-        atom = residue.find_atom(spelling, "*")
-        # zero occupancy at the exact origin = write_structure's placeholder for an unobserved residue
-        if atom is not None and not (atom.occ == 0 and atom.pos.length() == 0):
-            return atom
-    return None
-
-
 def parse_structure(path: str | Path, atoms: dict[str, tuple[str, ...]] | None = None,
                     min_length: int = 1) -> tuple[list[Chain], list[Skipped]]:
     """RNA and protein chains of the first model; per-chain problems come back as Skipped."""
@@ -239,24 +262,33 @@ def _chain(gchain: gemmi.Chain, atoms: dict, parents: dict, min_length: int, cid
     if len(span) < min_length:
         return f"too short ({len(span)} < {min_length} residues)"
     names = tuple(atoms[kind])
-    seq = "".join(residue_letter(r.name, kind, parents) for r in span)
-    coords = np.zeros((len(span), len(names), 3), dtype=np.float64)   # [L, A, 3]
-    mask = np.zeros((len(span), len(names)), dtype=bool)              # [L, A]
-    xyz, where, bfac = [], [], []                                     # filled per atom, scattered once below
-    for i, (res, letter) in enumerate(zip(span, seq, strict=True)):
+    a, plans = len(names), {}                                          # residue name -> (letter, spellings per atom)
+    letters, xyz, where, bfac, nums = [], [], [], [], []               # filled per residue, scattered once below
+    for i, res in enumerate(span):
+        plan = plans.get(name := res.name)
+        if plan is None:
+            letter = residue_letter(name, kind, parents)
+            plan = plans[name] = (letter, tuple(enumerate(_spellings(spec, letter, kind) for spec in names)))
+        letters.append(plan[0])
         first = None
-        for j, spec in enumerate(names):
-            atom = _pick(res, spec, letter, kind)
-            if atom is not None:
-                p = atom.pos
-                xyz.append((p.x, p.y, p.z))
-                where.append((i, j))
-                first = atom if first is None else first
+        for j, spellings in plan[1]:
+            for spelling in spellings:                                 # the first present spelling of atom j
+                atom = res.find_atom(spelling, "*")
+                # zero occupancy at the exact origin = write_structure's placeholder for an unobserved residue
+                if atom is not None and not (atom.occ == 0 and atom.pos.length() == 0):
+                    xyz.append(atom.pos.tolist())
+                    where.append(i * a + j)
+                    first = atom if first is None else first
+                    break
         bfac.append((first if first is not None else res[0]).b_iso)
+        nums.append(res.seqid.num)
+    seq = "".join(letters)
+    coords = np.zeros((len(span) * a, 3), dtype=np.float64)            # [L * A, 3]
+    mask = np.zeros(len(span) * a, dtype=bool)                         # [L * A]
     if where:
-        ij = np.asarray(where)                                          # [N, 2]
-        coords[ij[:, 0], ij[:, 1]] = xyz
-        mask[ij[:, 0], ij[:, 1]] = True
+        coords[where] = xyz
+        mask[where] = True
+    coords, mask = coords.reshape(len(span), a, 3), mask.reshape(len(span), a)   # [L, A, 3], [L, A]
     bfac = np.asarray(bfac, dtype=np.float32)                           # [L]
     if not mask.any():
         return f"missing atoms (none of the atoms {','.join(names)} is present)"
@@ -266,7 +298,7 @@ def _chain(gchain: gemmi.Chain, atoms: dict, parents: dict, min_length: int, cid
     if np.abs(real).max() > MAX_ABS_COORD:
         return f"absurd coordinates (|x| > {MAX_ABS_COORD:g} A)"
     return Chain(id=cid, kind=kind, sequence=seq, coords=coords.astype(np.float32), mask=mask, atoms=names,
-                 residue_numbers=np.array([r.seqid.num for r in span], dtype=np.int64), b_factors=bfac,
+                 residue_numbers=np.array(nums, dtype=np.int64), b_factors=bfac,
                  source=source, chain_name=gchain.name)
 
 
