@@ -28,18 +28,22 @@ def random_file(rng: random.Random) -> bytes:
     return b"".join(parts)
 
 
+def read_backward(tmp_path, data: bytes):
+    """Write data to a file; (path, reference split, the BackwardLines reader, its lines) read without a budget."""
+    f = tmp_path / "x"
+    f.write_bytes(data)
+    with open_regular(f) as fh:
+        back = BackwardLines(fh, budget=10 ** 9)
+        got = list(back)
+    return f, reference(data), back, got
+
+
 @pytest.mark.parametrize("seed", range(60))
 def test_backward_and_forward_lines_match_a_split(tmp_path, monkeypatch, seed):
     monkeypatch.setattr(tailread, "CHUNK", 5)        # many chunk borders inside short lines
     monkeypatch.setattr(tailread, "MAX_LINE", 10 ** 9)
-    rng = random.Random(seed)
-    data = random_file(rng)
-    f = tmp_path / "x"
-    f.write_bytes(data)
-    ref = reference(data)
-    with open_regular(f) as fh:
-        back = BackwardLines(fh, budget=10 ** 9)
-        got = list(back)
+    data = random_file(random.Random(seed))
+    f, ref, back, got = read_backward(tmp_path, data)
     assert [(raw, term) for _, raw, term in reversed(got)] == ref
     assert [i for i, *_ in got] == list(range(1, len(ref) + 1)) and back.complete and back.total == len(ref)
     with open_regular(f) as fh:
@@ -99,13 +103,7 @@ def test_read_capped_and_parse_record(tmp_path):
 def test_lines_longer_than_max_line_are_skipped_and_counted(tmp_path, monkeypatch, seed):
     monkeypatch.setattr(tailread, "CHUNK", 5)
     monkeypatch.setattr(tailread, "MAX_LINE", 15)
-    data = random_file(random.Random(1000 + seed))
-    f = tmp_path / "x"
-    f.write_bytes(data)
-    ref = reference(data)
-    with open_regular(f) as fh:
-        back = BackwardLines(fh, budget=10 ** 9)
-        got = list(back)
+    f, ref, back, got = read_backward(tmp_path, random_file(random.Random(1000 + seed)))
     assert [(raw, term) for _, raw, term in reversed(got)] == [(r, t) for r, t in ref if len(r) <= 15]
     assert back.overlong == sum(len(r) > 15 for r, _ in ref) and back.total == len(ref)
     expected_index = [len(ref) - i for i, (r, _) in enumerate(ref) if len(r) <= 15]
