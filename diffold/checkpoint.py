@@ -123,17 +123,32 @@ class CheckpointManager:
         os.symlink(name, tmp)
         os.replace(tmp, link)
 
+    def abandon(self, after_step: int, until_step: int, reason: str) -> list[str]:
+        """Mark the checkpoints written after_step < step <= until_step unhealthy (a rollback discarded the branch
+        they hold): never again a rollback or --resume auto target. meta.json is rewritten atomically; it is not
+        part of the checksums. Main process only; returns the names marked."""
+        marked = []
+        for path in sorted(self.dir.glob("step_*")) if self.dir.is_dir() else []:
+            meta = None if path.name.endswith((".tmp", ".old")) else read_meta(path)
+            if meta and isinstance(meta.get("step"), int) and after_step < meta["step"] <= until_step and health_of(meta)[0]:
+                if self.acc.is_main_process:
+                    write_json_atomic(path / META, {**meta, "health": {"healthy": False, "reason": reason}})
+                marked.append(path.name)
+        return marked
+
     def _rotate(self) -> None:
-        """Keep the newest keep_last_n step checkpoints, and always the newest HEALTHY one plus the newest healthy
-        one at least LEVEL_WINDOW steps older than the newest checkpoint, else the oldest healthy one (rollback
-        targets: a divergence can begin up to that many steps before the loss level shows it)."""
+        """Keep the newest keep_last_n step checkpoints and the rollback targets: every HEALTHY one from the last
+        LEVEL_WINDOW steps (a divergence can begin up to that many steps before the loss shows it, so these
+        become targets as the run moves on) plus the newest healthy one before them, else the oldest healthy one."""
         steps = sorted(((m["step"], m.get("timestamp", 0), p) for p in self.dir.glob("step_*")
                         if p.is_dir() and not p.name.endswith((".tmp", ".old")) and (m := read_meta(p)) is not None
                         and isinstance(m.get("step"), int)), key=lambda t: t[:2])
         healthy = [(step, p) for step, _, p in steps if health_of(read_meta(p) or {})[0]]
-        keep = {p for _, _, p in steps[len(steps) - max(self.keep_last_n, 1):]} | {p for _, p in healthy[-1:]}
-        if healthy:  # what Run.rollback would pick soon: the newest healthy LEVEL_WINDOW steps back, else the oldest
-            back = [p for step, p in healthy if step <= steps[-1][0] - LEVEL_WINDOW]
+        keep = {p for _, _, p in steps[len(steps) - max(self.keep_last_n, 1):]}
+        if healthy:
+            newest = steps[-1][0]
+            keep |= {p for step, p in healthy if step > newest - LEVEL_WINDOW}
+            back = [p for step, p in healthy if step <= newest - LEVEL_WINDOW]  # what Run.rollback picks now
             keep.add(back[-1] if back else healthy[0][1])
         for _, _, path in steps:
             if path not in keep:

@@ -160,6 +160,12 @@ class Run:
             return "gave_up"
         path, restored, _ = loaded
         st = self.state
+        abandoned = self.ckpts.abandon(restored.global_step, st.global_step,
+                                       f"abandoned: the rollback at step {st.global_step} to step {restored.global_step} "
+                                       "discarded the weights it holds")
+        if abandoned:
+            log.warning("checkpoints from the discarded branch marked unhealthy (no rollback/resume target): %s",
+                        ", ".join(abandoned))
         keep = {k: getattr(st, k) for k in ("global_step", "epoch", "batch_in_epoch", "samples_seen", "loss_history")}
         for name, value in vars(restored).items():
             setattr(st, name, keep.get(name, value))

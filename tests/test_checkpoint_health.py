@@ -52,12 +52,18 @@ def test_rotation_keeps_the_newest_healthy_checkpoint(setup):
     assert kept == ["step_000000001", "step_000000003", "step_000000004"]  # keep_last_n=2 + newest healthy
     save(mgr, ema, 5, True)
     save(mgr, ema, 6, True)
-    # + a rollback target from before a divergence the loss level may not show yet (LEVEL_WINDOW=9 steps):
-    # none is 9 steps older than step 6, so the oldest healthy one stays
+    # + rollback targets from before a divergence the loss may not show yet (LEVEL_WINDOW=9 steps): the healthy
+    # ones of the last 9 steps, and the newest healthy one before them (none is 9 steps older than 6: the oldest)
     assert sorted(p.name for p in mgr.dir.glob("step_*")) == ["step_000000001", "step_000000005", "step_000000006"]
     for step in (12, 16, 20):
         save(mgr, ema, step, True)
-    assert sorted(p.name for p in mgr.dir.glob("step_*")) == ["step_000000006", "step_000000016", "step_000000020"]
+    assert sorted(p.name for p in mgr.dir.glob("step_*")) == ["step_000000006", "step_000000012", "step_000000016",
+                                                                "step_000000020"]
+    for step in (21, 22):
+        save(mgr, ema, step, False, "unresolved critical health event")
+    # 22 - 9 = 13: healthy 16 and 20 are recent, 12 is the target before them; unhealthy 21 only as one of the last 2
+    assert sorted(p.name for p in mgr.dir.glob("step_*")) == ["step_000000012", "step_000000016", "step_000000020",
+                                                                "step_000000021", "step_000000022"]
 
 
 def test_no_checkpoint_directory_until_the_first_save(setup):

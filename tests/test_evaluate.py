@@ -193,7 +193,8 @@ def test_recipes_load_with_the_measured_settings(config, task):
 
     cfg = load_config(ROOT / "configs" / config, overrides=[f"task={task}"], env={})
     d = cfg.diffusion
-    assert (d.sigma_data, d.bond_loss_weight, d.smooth_lddt_weight, d.sampling_step_scale) == (8.0, 0.1, 1.0, 1.5)
+    step_scale = 2.0 if config == "cpu_10min.yaml" else 1.5  # measured on the tiny model (BENCHMARKS.md, "Learning")
+    assert (d.sigma_data, d.bond_loss_weight, d.smooth_lddt_weight, d.sampling_step_scale) == (8.0, 0.1, 1.0, step_scale)
 
 
 @pytest.mark.slow

@@ -142,8 +142,9 @@ def test_cli_auto_falls_back_past_two_damaged_checkpoints_bit_identically(runs, 
     `--resume auto` resumes from step 10 and reproduces the uninterrupted run exactly."""
     run = tmp_path / "run"
     shutil.copytree(reference, run, symlinks=True)
-    for name in ("best", PREVIOUS):
-        shutil.rmtree(run / "checkpoints" / name, ignore_errors=True)
+    for path in [run / "checkpoints" / "best", *(run / "checkpoints").glob("step_*")]:  # NEWEST and the fakes below only
+        if path.name != NEWEST:
+            shutil.rmtree(path, ignore_errors=True)
     shutil.copytree(reference / "checkpoints" / PREVIOUS, run / "checkpoints" / "step_000000008")  # a third one
     edit_json(run / "checkpoints" / "step_000000008" / "meta.json", lambda m: {**m, "step": 8})
     rechecksum(run / "checkpoints" / "step_000000008")

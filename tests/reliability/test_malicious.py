@@ -103,9 +103,16 @@ def test_resume_refuses_other_pickled_files(runs, reference, tmp_path, target):
     marker = tmp_path / "pwned"
     write_payload(ckpt / target, marker, dict(TARGETS)[target])
     rechecksum(ckpt)
-    r = runs.run([*runs.args(), "--output_dir", str(run), "--resume", "auto"])
+    # an explicit resume of it is refused with one error line, nothing executed
+    r = runs.run([*runs.args(), "--output_dir", str(run), "--resume", str(ckpt)])
     assert r.returncode == 2, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {ckpt}: refused to load")
+    assert "Traceback" not in r.stderr and not marker.exists()
+    # --resume auto skips it with one warning and resumes from another valid checkpoint (README), nothing executed
+    r = runs.run([*runs.args(), "--output_dir", str(run), "--resume", "auto"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"skipping checkpoint {ckpt}: checkpoint {ckpt}: refused to load" in r.stderr
+    assert "resumed from" in r.stderr and f"resumed from {ckpt} " not in r.stderr
     assert "Traceback" not in r.stderr and not marker.exists()
 
 
