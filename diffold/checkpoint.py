@@ -39,7 +39,7 @@ from diffold.checkpoint_check import (  # noqa: F401 (META, read_meta, verify: r
     verify,
 )
 from diffold.hashing import bytes_sha256, tree_sha256
-from diffold.loss_level import LEVEL_WINDOW
+from diffold.loss_level import ONSET_MARGIN
 from diffold.recovery import sync_flag
 from diffold.state import TrainState
 
@@ -138,7 +138,7 @@ class CheckpointManager:
 
     def _rotate(self) -> None:
         """Keep the newest keep_last_n step checkpoints and the rollback targets: every HEALTHY one from the last
-        LEVEL_WINDOW steps (a divergence can begin up to that many steps before the loss shows it, so these
+        ONSET_MARGIN steps (a divergence can begin up to that many steps before the loss shows it, so these
         become targets as the run moves on) plus the newest healthy one before them, else the oldest healthy one."""
         steps = sorted(((m["step"], m.get("timestamp", 0), p) for p in self.dir.glob("step_*")
                         if p.is_dir() and not p.name.endswith((".tmp", ".old")) and (m := read_meta(p)) is not None
@@ -147,8 +147,8 @@ class CheckpointManager:
         keep = {p for _, _, p in steps[len(steps) - max(self.keep_last_n, 1):]}
         if healthy:
             newest = steps[-1][0]
-            keep |= {p for step, p in healthy if step > newest - LEVEL_WINDOW}
-            back = [p for step, p in healthy if step <= newest - LEVEL_WINDOW]  # what Run.rollback picks now
+            keep |= {p for step, p in healthy if step > newest - ONSET_MARGIN}
+            back = [p for step, p in healthy if step <= newest - ONSET_MARGIN]  # what Run.rollback picks now
             keep.add(back[-1] if back else healthy[0][1])
         for _, _, path in steps:
             if path not in keep:

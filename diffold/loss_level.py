@@ -17,6 +17,11 @@ from diffold.running_stats import _Median
 LEVEL_WINDOW = 9        # the loss level is the median of this many recent steps
 LEVEL_WARMUP = 20       # steps before the level's minimum is trusted
 START_STEPS = 3         # the untrained model's loss level: median of a fresh run's first this many steps
+# A loss-based rollback (confirmed spike, diverged level) goes back to a checkpoint at least this many steps
+# before its decision: the level needs LEVEL_WINDOW steps to rise, and a real excursion can start earlier
+# with a few lower losses in between (Lion lr=1 on the smoke config: first loss 16 at step 4, level
+# verdict at step 13; a target at step 4 already held the broken weights, val/loss 4.2 vs 0.85).
+ONSET_MARGIN = 2 * LEVEL_WINDOW
 
 
 def _fmt(x: float) -> str:

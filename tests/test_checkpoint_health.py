@@ -52,18 +52,17 @@ def test_rotation_keeps_the_newest_healthy_checkpoint(setup):
     assert kept == ["step_000000001", "step_000000003", "step_000000004"]  # keep_last_n=2 + newest healthy
     save(mgr, ema, 5, True)
     save(mgr, ema, 6, True)
-    # + rollback targets from before a divergence the loss may not show yet (LEVEL_WINDOW=9 steps): the healthy
-    # ones of the last 9 steps, and the newest healthy one before them (none is 9 steps older than 6: the oldest)
+    # + rollback targets from before a divergence the loss may not show yet (ONSET_MARGIN=18 steps): the healthy
+    # ones of the last 18 steps, and the newest healthy one before them (none is 18 steps older than 6: the oldest)
     assert sorted(p.name for p in mgr.dir.glob("step_*")) == ["step_000000001", "step_000000005", "step_000000006"]
-    for step in (12, 16, 20):
+    for step in (12, 16, 20, 21, 22):
+        save(mgr, ema, step, step < 21, "ok" if step < 21 else "unresolved critical health event")
+    # 22 - 18 = 4: healthy 5..20 are recent, 1 the target before them; unhealthy 21/22 as the last 2
+    assert sorted(int(p.name[5:]) for p in mgr.dir.glob("step_*")) == [1, 5, 6, 12, 16, 20, 21, 22]
+    for step in (30, 40):
         save(mgr, ema, step, True)
-    assert sorted(p.name for p in mgr.dir.glob("step_*")) == ["step_000000006", "step_000000012", "step_000000016",
-                                                                "step_000000020"]
-    for step in (21, 22):
-        save(mgr, ema, step, False, "unresolved critical health event")
-    # 22 - 9 = 13: healthy 16 and 20 are recent, 12 is the target before them; unhealthy 21 only as one of the last 2
-    assert sorted(p.name for p in mgr.dir.glob("step_*")) == ["step_000000012", "step_000000016", "step_000000020",
-                                                                "step_000000021", "step_000000022"]
+    # 40 - 18 = 22: recent healthy 30, 40; the newest healthy before them is 20; 1-16 go
+    assert sorted(int(p.name[5:]) for p in mgr.dir.glob("step_*")) == [20, 30, 40]
 
 
 def test_no_checkpoint_directory_until_the_first_save(setup):

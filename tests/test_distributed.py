@@ -224,9 +224,9 @@ def test_one_writer_one_wandb_run_no_duplicates(ddp_run):
     run, _ = ddp_run
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1
     assert len(list((run / "logs").glob("training_*.log"))) == 1
-    # keep_last_n=2, plus the healthy rollback targets of the last 9 steps and the newest one before them
+    # keep_last_n=2, plus the healthy rollback targets of the last 18 steps (ONSET_MARGIN): every one here
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == \
-        ["best", "latest"] + [f"step_{s:09d}" for s in (6, 8, 10, 12, 14, 16)]
+        ["best", "latest"] + [f"step_{s:09d}" for s in range(0, 17, 2)]
     assert [e["step"] for e in events(run, "train")] == list(range(1, 17))  # each step logged once
     assert [e["event"] for e in events(run)].count("start") == 1 and len(events(run, "end")) == 1
     assert len(events(run, "val")) == 2  # one per epoch

@@ -50,6 +50,10 @@ def check_outcome(run: Path, returncode: int, log: str, diverging: bool) -> dict
         for name in ("model.safetensors", "ema.safetensors"):
             assert all(torch.isfinite(t).all() for t in load_file(str(latest / name)).values()), name
         assert (run / "export" / "model.safetensors").is_file()
+        # "finished" must mean a usable model: a healthy lr=0.003 run validates at 0.85; diverged ones that
+        # slipped through were at 4.2 (Lion lr=1, rolled back to a checkpoint already past the onset) and 6.2
+        val = [r["val/loss"] for r in read_jsonl(run / "metrics.jsonl") if r["event"] == "val"]
+        assert val and val[-1] < 1.5, val
     else:
         assert returncode == 3 and end["status"] == "gave_up", (returncode, end)
         assert "diffold health: training stopped after" in log and "--resume auto" in log
