@@ -128,29 +128,31 @@ class CheckpointManager:
         they hold): never again a rollback or --resume auto target. meta.json is rewritten atomically; it is not
         part of the checksums. Main process only; returns the names marked."""
         marked = []
-        for path in sorted(self.dir.glob("step_*")) if self.dir.is_dir() else []:
-            meta = None if path.name.endswith((".tmp", ".old")) else read_meta(path)
-            if meta and isinstance(meta.get("step"), int) and after_step < meta["step"] <= until_step and health_of(meta)[0]:
+        for meta, path in self._step_metas():
+            if after_step < meta["step"] <= until_step and health_of(meta)[0]:
                 if self.acc.is_main_process:
                     write_json_atomic(path / META, {**meta, "health": {"healthy": False, "reason": reason}})
                 marked.append(path.name)
         return marked
 
+    def _step_metas(self) -> list[tuple[dict, Path]]:
+        """(meta, path) of the step checkpoints with a readable meta.json, oldest first (no checksum check)."""
+        found = [(m, p) for p in self.dir.glob("step_*") if p.is_dir() and not p.name.endswith((".tmp", ".old"))
+                 and (m := read_meta(p)) is not None and isinstance(m.get("step"), int)]
+        return sorted(found, key=lambda mp: (mp[0]["step"], mp[0].get("timestamp", 0)))
+
     def _rotate(self) -> None:
         """Keep the newest keep_last_n step checkpoints and the rollback targets: every HEALTHY one from the last
         ONSET_MARGIN steps (a divergence can begin up to that many steps before the loss shows it, so these
         become targets as the run moves on) plus the newest healthy one before them, else the oldest healthy one."""
-        steps = sorted(((m["step"], m.get("timestamp", 0), p) for p in self.dir.glob("step_*")
-                        if p.is_dir() and not p.name.endswith((".tmp", ".old")) and (m := read_meta(p)) is not None
-                        and isinstance(m.get("step"), int)), key=lambda t: t[:2])
-        healthy = [(step, p) for step, _, p in steps if health_of(read_meta(p) or {})[0]]
-        keep = {p for _, _, p in steps[len(steps) - max(self.keep_last_n, 1):]}
+        steps = self._step_metas()
+        healthy = [(m["step"], p) for m, p in steps if health_of(m)[0]]
+        keep = {p for _, p in steps[len(steps) - max(self.keep_last_n, 1):]}
         if healthy:
-            newest = steps[-1][0]
+            newest = steps[-1][0]["step"]
             keep |= {p for step, p in healthy if step > newest - ONSET_MARGIN}
-            back = [p for step, p in healthy if step <= newest - ONSET_MARGIN]  # what Run.rollback picks now
-            keep.add(back[-1] if back else healthy[0][1])
-        for _, _, path in steps:
+            keep.add(before_onset(healthy, newest)[0])  # what Run.rollback would pick now
+        for _, path in steps:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)
 
@@ -264,6 +266,13 @@ class CheckpointManager:
                 raise error or CheckpointError(f"checkpoint {path} failed to load on another process")
             log.warning("skipping checkpoint %s: %s", path, error or "failed to load on another process")
         return None
+
+def before_onset(healthy: list[tuple[int, Path]], now: int) -> list[Path]:
+    """Rollback targets, best first, for a loss-based divergence decided at step `now`: the healthy checkpoints
+    (step, path) at least ONSET_MARGIN steps old, newest first, else the oldest healthy one."""
+    ordered = sorted(healthy, key=lambda sp: sp[0], reverse=True)
+    return [p for step, p in ordered if step <= now - ONSET_MARGIN] or [p for _, p in ordered[-1:]]
+
 
 def write_hashed(path: Path, data: bytes) -> str:
     """Write bytes (fsynced) and return their sha256, computed from memory: no read-back."""

@@ -58,15 +58,14 @@ class LossLevel:
         f = self.divergence_factor
         return f > 0 and self.n > LEVEL_WARMUP and self.minimum > 0 and self.level > f * self.minimum
 
-    def above_start(self) -> bool:
+    def above_start(self, min_losses: int = LEVEL_WINDOW) -> bool:
         f, start = self.start_factor, self.start
-        return f > 0 and start is not None and self.n >= LEVEL_WINDOW and self.level > f * start
+        return f > 0 and start is not None and self.n >= min_losses and self.level > f * start
 
     def suspect(self) -> bool:
         """Diverged by either yardstick, judged on a partial window too (from START_STEPS + 1 losses on): what a
         checkpoint written now is marked by. A divergence that began a few steps ago already shows here."""
-        f, start = self.start_factor, self.start
-        return self.above_min() or (f > 0 and start is not None and self.n > START_STEPS and self.level > f * start)
+        return self.above_min() or self.above_start(min_losses=START_STEPS + 1)
 
     def describe(self) -> str:
         """What the diverged level is compared with, for the health event."""

@@ -19,7 +19,7 @@ import torch
 import diffold
 from diffold.atomic import CheckpointWriteError
 from diffold.checkpoint import CheckpointManager, export_inference_bundle
-from diffold.loss_level import ONSET_MARGIN
+from diffold.checkpoint import before_onset as onset_targets
 from diffold.memory import memory_stats
 from diffold.recovery import RecoveryPolicy
 from diffold.signals import EXIT_INTERRUPTED
@@ -147,13 +147,13 @@ class Run:
         data position and step count (the batches that diverged are not replayed). 'gave_up' if there is none.
 
         before_onset (a confirmed spike or the loss level showed the divergence, not a skipped update or an
-        exploded weight, which are caught at the update that did it): the loss needs up to ONSET_MARGIN steps
+        exploded weight, which are caught at the update that did it): the loss needs up to ONSET_MARGIN (loss_level.py) steps
         to show it, so a checkpoint written that recently may already hold diverging weights: take the newest
         healthy one from before that, else the oldest healthy one (the step-0 checkpoint of a fresh run)."""
         found = self.ckpts.candidates(healthy_only=True)  # newest first
         healthy = [p for _, p in found]
         if before_onset:
-            healthy = [p for meta, p in found if meta["step"] <= self.state.global_step - ONSET_MARGIN] or healthy[-1:]
+            healthy = onset_targets([(meta["step"], p) for meta, p in found], self.state.global_step)
         loaded = self.ckpts.load_first(healthy, self.ema, strict=False)
         if loaded is None:
             log.error("rollback needed but no healthy checkpoint can be loaded: lower checkpoint.save_every_steps")
